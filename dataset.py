@@ -1,0 +1,351 @@
+"""
+Token store, datasets and sampler: what the training loop reads.
+
+    store = build_store("seq_monkey_datawhale.jsonl", "tokenizer_k", "pretrain", "data/cache")
+    ds = PretrainDataset(store, max_seq_len=512)     # ds[i] -> X, Y, loss_mask
+    python dataset.py --kind sft --show 2             # a learner's view: which tokens are trained
+
+The store. A corpus is tokenised once into a directory of flat binary files: tokens.bin (uint16,
+since every vocabulary here is < 65536; uint32 otherwise), offsets.bin (int64, where each document
+starts, plus the end) and, for SFT, mask.bin (uint8, 1 on the tokens that are trained targets) and
+first_trained.bin (int32, where each document's first trained token is). The files are
+memory-mapped, so the host memory of building and training stays flat however large the corpus:
+happy-llm instead reads the whole jsonl with readlines() and holds every sample in a list.
+Tokenising runs on all cores (the tokenizers library's encode_batch); the store is rebuilt when the
+data file (size or modification time) or the tokenizer changes.
+
+Pretraining samples are packed: documents are encoded as <s> text </s>, concatenated, and cut into
+windows of max_seq_len + 1 tokens that overlap by one token. X = window[:-1], Y = window[1:], so
+every token of the corpus but the first is a target exactly once per epoch and no position is
+padding (happy-llm pads each 512-character chunk to 512 tokens and masks the padding out).
+
+SFT samples are conversations rendered with the tokenizer's chat template. The trained positions
+are found from the rendering itself: rendering the messages up to a reply with the generation
+prompt gives where the reply starts, rendering up to and including it gives where it ends (its
+closing <|im_end|> included, the newline after it not). Tokens whose first character falls in such
+a span are trained; system and user turns, the template's own tokens and padding are not. No token
+id is hard-coded (happy-llm searches for [3, 1074, 537, 500, 203]).
+"""
+
+import argparse
+import functools
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+import corpus
+
+STORE_VERSION = 1  # bump when the store layout or the encoding changes: old caches are rebuilt
+BATCH_RECORDS = 2048  # records tokenised per encode_batch call: enough work for every core
+PAD_ID = 0  # <unk>, which the byte-level tokenizer never produces from text
+
+# -----------------------------------------------------------------------------
+# chat rendering with trained spans
+
+
+def load_chat_template(tokenizer_dir):
+    """The tokenizer's chat template, compiled the way transformers compiles it."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # a dependency of transformers
+    path = Path(tokenizer_dir) / "chat_template.jinja"
+    if path.is_file():
+        source = path.read_text(encoding="utf-8")
+    else:
+        config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        source = config.get("chat_template")
+        if not source:
+            raise ValueError(f"{tokenizer_dir}: the tokenizer has no chat template; retrain it with train_tokenizer.py")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(source)
+
+
+def render_with_spans(template, messages):
+    """(text, [(start, end)]): the rendered conversation and the character span of each assistant
+    reply with its closing marker. Assumes what every chat template does: rendering is incremental
+    (the rendering of a shorter conversation is a prefix of the longer one's)."""
+    def render(msgs, prompt=False):
+        return template.render(messages=msgs, add_generation_prompt=prompt)
+
+    text = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], prompt=True), render(messages[:i + 1])
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ValueError("the chat template does not render conversations incrementally; "
+                             "cannot locate the assistant replies")
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+# -----------------------------------------------------------------------------
+# the token store
+
+
+class TokenStore:
+    """A tokenised corpus on disk: documents of token ids (and, for SFT, a trained-target mask)."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
+        self.kind = self.meta["kind"]
+        self._open()
+
+    def _open(self):
+        dtype = np.dtype(self.meta["dtype"])
+        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=dtype, mode="r")
+        self.offsets = np.fromfile(self.dir / "offsets.bin", dtype=np.int64)
+        self.mask = self.first_trained = None
+        if self.kind == "sft":
+            self.mask = np.memmap(self.dir / "mask.bin", dtype=np.uint8, mode="r")
+            self.first_trained = np.fromfile(self.dir / "first_trained.bin", dtype=np.int32)
+
+    # a DataLoader worker started with spawn (macOS, Windows) receives the store pickled: send the
+    # directory and map the files again there, not a copy of every token
+    def __getstate__(self):
+        return {"dir": self.dir, "meta": self.meta, "kind": self.kind}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def document(self, i):
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[start:end], None if self.mask is None else self.mask[start:end]
+
+
+def _fingerprint(path, tokenizer_path, kind):
+    stat = path.stat()
+    return {"version": STORE_VERSION, "kind": kind, "source": str(path.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "tokenizer_sha1": hashlib.sha1(tokenizer_path.read_bytes()).hexdigest()}
+
+
+def _encoded_batches(path, tokenizer, tokenizer_dir, kind, stats):
+    """Yield (token-id lists, mask arrays or None) for every BATCH_RECORDS records of the file."""
+    if kind == "pretrain":
+        records = corpus.iter_pretrain_texts(path, stats, progress=True)
+        encode = functools.partial(_encode_texts, tokenizer=tokenizer,
+                                   bos=tokenizer.token_to_id("<s>"), eos=tokenizer.token_to_id("</s>"))
+    else:
+        template = load_chat_template(tokenizer_dir)
+        records = (render_with_spans(template, messages) for messages in corpus.iter_conversations(path, stats, True))
+        encode = functools.partial(_encode_conversations, tokenizer=tokenizer)
+    while batch := list(itertools.islice(records, BATCH_RECORDS)):
+        yield encode(batch)
+
+
+def _encode_texts(texts, tokenizer, bos, eos):
+    # encode_batch_fast: all cores, and no character offsets computed (pretraining needs none)
+    return [[bos, *e.ids, eos] for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)], None
+
+
+def _encode_conversations(rendered, tokenizer):
+    encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    ids, masks = [], []
+    for encoding, (_, spans) in zip(encodings, rendered):
+        starts = np.fromiter((start for start, _ in encoding.offsets), dtype=np.int64, count=len(encoding.ids))
+        mask = np.zeros(len(starts), dtype=np.uint8)
+        for a, b in spans:
+            mask[(starts >= a) & (starts < b)] = 1
+        ids.append(encoding.ids)
+        masks.append(mask)
+    return ids, masks
+
+
+def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore:
+    """The token store of `path` (pretraining texts or SFT conversations, any format corpus.py
+    reads), built on first use under cache_dir and reused while the file and tokenizer are unchanged.
+    Raises FileNotFoundError / ValueError with a message naming the file."""
+    if kind not in ("pretrain", "sft"):
+        raise ValueError(f"kind {kind!r}: expected pretrain or sft")
+    path, tokenizer_path = Path(path), Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; check --data_path")
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path}: no such file; run train_tokenizer.py or check --tokenizer_dir")
+    fingerprint = _fingerprint(path, tokenizer_path, kind)
+    key = hashlib.sha1(fingerprint["source"].encode()).hexdigest()[:10]
+    out = Path(cache_dir) / f"{path.stem}-{kind}-{key}"
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if {k: meta.get(k) for k in fingerprint} == fingerprint:
+            return TokenStore(out)
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print(f"tokenising {path} -> {out}", file=sys.stderr, flush=True)
+    stats, n_tokens, n_docs = Counter(), 0, 0
+    try:
+        with open(tmp / "tokens.bin", "wb") as tokens_file, open(tmp / "offsets.bin", "wb") as offsets_file, \
+                open(tmp / "mask.bin", "wb") as mask_file, open(tmp / "first_trained.bin", "wb") as first_file:
+            np.zeros(1, dtype=np.int64).tofile(offsets_file)
+            for ids, masks in _encoded_batches(path, tokenizer, tokenizer_dir, kind, stats):
+                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                np.fromiter((t for doc in ids for t in doc), dtype=dtype, count=int(lengths.sum())).tofile(tokens_file)
+                (n_tokens + np.cumsum(lengths)).tofile(offsets_file)
+                if masks is not None:
+                    np.concatenate(masks).tofile(mask_file)
+                    np.array([m.argmax() for m in masks], dtype=np.int32).tofile(first_file)
+                n_tokens, n_docs = n_tokens + int(lengths.sum()), n_docs + len(ids)
+        if kind == "pretrain":
+            (tmp / "mask.bin").unlink()
+            (tmp / "first_trained.bin").unlink()
+        meta = {**fingerprint, "dtype": np.dtype(dtype).name, "documents": n_docs, "tokens": n_tokens,
+                "skipped_lines": sum(stats.values()) - stats["ok"]}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        # replace the old store only once the new one is whole (a killed build leaves just a .tmp dir)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{path}: {n_docs:,} documents, {n_tokens:,} tokens", file=sys.stderr, flush=True)
+    return TokenStore(out)
+
+# -----------------------------------------------------------------------------
+# datasets: (X, Y, loss_mask) samples
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Packed windows of the concatenated documents. Window i is tokens [i*T, i*T + T + 1): the
+    last token of a window is the first of the next, so each token is a target exactly once."""
+
+    def __init__(self, store: TokenStore, max_seq_len):
+        self.store, self.seq_len = store, max_seq_len
+        self.n_windows = (len(store.tokens) - 1) // max_seq_len
+        if self.n_windows == 0:
+            raise ValueError(f"{store.meta['source']}: {len(store.tokens)} tokens, fewer than one window of "
+                             f"{max_seq_len + 1}; use more text or a smaller --max_seq_len")
+
+    def __len__(self):
+        return self.n_windows
+
+    def __getitem__(self, i):
+        start = i * self.seq_len
+        window = torch.from_numpy(self.store.tokens[start:start + self.seq_len + 1].astype(np.int64))
+        return window[:-1], window[1:], torch.ones(self.seq_len, dtype=torch.long)
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """One rendered conversation per sample, cut to max_seq_len + 1 tokens (mask cut alike).
+    loss_mask[t] = 1 where Y[t] is a token of an assistant reply or its closing marker.
+    A conversation whose first reply starts beyond the cut would train nothing: it is left out."""
+
+    def __init__(self, store: TokenStore, max_seq_len):
+        if store.kind != "sft":
+            raise ValueError(f"{store.meta['source']}: tokenised for {store.kind}, not SFT")
+        self.store, self.seq_len = store, max_seq_len
+        # target t is token t + 1 of the window: a first trained token at position <= max_seq_len is kept
+        self.documents = np.flatnonzero(store.first_trained <= max_seq_len)
+        if len(self.documents) == 0:
+            raise ValueError(f"{store.meta['source']}: no conversation has a reply within the first {max_seq_len} "
+                             "tokens; raise --max_seq_len")
+        if len(self.documents) < len(store):
+            print(f"{store.meta['source']}: left out {len(store) - len(self.documents):,} of {len(store):,} "
+                  f"conversations whose reply starts after token {max_seq_len}", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.documents)
+
+    def __getitem__(self, i):
+        tokens, mask = self.store.document(self.documents[i])
+        tokens = torch.from_numpy(tokens[:self.seq_len + 1].astype(np.int64))
+        mask = torch.from_numpy(mask[1:self.seq_len + 1].astype(np.int64))
+        return tokens[:-1], tokens[1:], mask
+
+
+def collate_batch(samples):
+    """[(X, Y, loss_mask)] of varying lengths -> three [B, T] tensors, right-padded with PAD_ID and
+    mask 0 to the longest sample of this batch (not to a fixed length: less padding to compute)."""
+    width = max(len(x) for x, _, _ in samples)
+    batch = torch.full((3, len(samples), width), PAD_ID, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        for part, tensor in enumerate(sample):
+            batch[part, row, :len(tensor)] = tensor
+    return batch[0], batch[1], batch[2]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), read from global
+    position `start` on, dealt round-robin to the ranks. The first global batch of B samples is
+    permutation[start:start + B] whatever the number of ranks, and a resumed run passes the
+    position it had reached, so it sees exactly the samples it had not yet seen."""
+
+    def __init__(self, num_samples, seed, epoch=0, start=0, rank=0, world_size=1):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, epoch
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def _indices(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        return order[self.start + self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self._indices().tolist())
+
+    def __len__(self):
+        return len(range(self.start + self.rank, self.num_samples, self.world_size))
+
+# -----------------------------------------------------------------------------
+# for learners: what exactly is trained
+
+
+def show_sample(ds, i, tokenizer: Tokenizer, trained=("\033[32m", "\033[0m")) -> str:
+    """Sample i of a dataset as text, each run of trained target tokens wrapped in `trained`
+    (green by default; pass e.g. ("[[", "]]") for plain text). The first token of X is shown too."""
+    x, y, mask = ds[i]
+    ids, flags = [int(x[0]), *y.tolist()], [0, *mask.tolist()]
+    runs, out = [], []
+    for token, flag in zip(ids, flags):  # consecutive tokens with the same flag decode together
+        if runs and runs[-1][0] == flag:
+            runs[-1][1].append(token)
+        else:
+            runs.append((flag, [token]))
+    for flag, tokens in runs:
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        out.append(f"{trained[0]}{text}{trained[1]}" if flag else text)
+    return "".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Tokenise a corpus into the store and show samples "
+                                                 "with the trained tokens marked.")
+    parser.add_argument("--data_path", help="a .jsonl/.txt file (default: the embedded corpus)")
+    parser.add_argument("--kind", choices=["pretrain", "sft"], default="sft")
+    parser.add_argument("--tokenizer_dir", default="tokenizer_k")
+    parser.add_argument("--cache_dir", default="data/cache")
+    parser.add_argument("--max_seq_len", type=int, default=512)
+    parser.add_argument("--show", type=int, default=2, help="how many samples to print")
+    args = parser.parse_args(argv)
+    path = args.data_path or corpus.embedded_paths()[f"{args.kind}_train"]
+    try:
+        store = build_store(path, args.tokenizer_dir, args.kind, args.cache_dir)
+        ds = (SFTDataset if args.kind == "sft" else PretrainDataset)(store, args.max_seq_len)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    print(f"{len(store):,} documents, {len(store.tokens):,} tokens, {len(ds):,} samples of <= {args.max_seq_len}")
+    if store.mask is not None:
+        print(f"trained tokens: {int(store.mask.sum()):,} ({store.mask.mean():.1%})")
+    tokenizer = Tokenizer.from_file(str(Path(args.tokenizer_dir) / "tokenizer.json"))
+    marks = ("\033[32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
+    for i in range(min(args.show, len(ds))):
+        print(f"--- sample {i} ({'trained tokens in green' if marks[0] != '[[' else 'trained tokens in [[ ]]'})")
+        print(show_sample(ds, i, tokenizer, marks))
+
+
+if __name__ == "__main__":
+    main()
