@@ -1,0 +1,263 @@
+"""The training loop (trainer.py) and its front ends (pretrain.py, sft.py): tiny models on the CPU.
+
+The unit tests call trainer.train_step directly; the others run the scripts as the user does, in a
+subprocess started in a temporary directory (so no out/ of the user's is ever read or written).
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainer
+from dataset import SFTDataset, build_store, collate_batch
+from k_model import ModelConfig, Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PRETRAIN = DATA / "pretrain_debian_handbook_200.jsonl"
+SFT = DATA / "belle_1k.jsonl"
+TOKENIZER = REPO / "tokenizer_k"
+TINY = ["--preset", "tiny", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1",
+        "--max_seq_len", "32", "--batch_size", "4", "--accumulation_steps", "1", "--learning_rate", "3e-3",
+        "--num_workers", "0", "--device", "cpu", "--dtype", "float32", "--log_interval", "1",
+        "--eval_interval", "1000", "--eval_batches", "2", "--tokenizer_dir", str(TOKENIZER)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One token cache for the whole module: each fixture file is tokenised once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def script(name, *args, cwd, cache, check=True, timeout=120):
+    """Run pretrain.py / sft.py with the tiny settings; returns the CompletedProcess."""
+    cmd = [sys.executable, str(REPO / name), *TINY, "--cache_dir", str(cache), *map(str, args)]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def records(out_dir, key):
+    """{step: value} from metrics.jsonl (the last record of each step wins)."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+def assert_one_line_error(done, *fragments):
+    """A failed run whose stderr, apart from tqdm's progress bar, is one line with the fragments."""
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    message = [line for line in done.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(message) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in message[0]
+
+# -----------------------------------------------------------------------------
+# units: the schedule and one optimizer step
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    peak, warmup, total = 1e-3, 10, 110
+    lrs = [trainer.lr_at(s, peak, warmup, total) for s in range(total + 5)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(peak / 2) and lrs[10] == pytest.approx(peak)
+    assert lrs[60] == pytest.approx((peak + peak / 10) / 2)  # half way through the cosine
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after the warmup
+    assert lrs[total] == lrs[-1] == pytest.approx(peak / 10)
+    assert trainer.lr_at(0, peak, 0, total) == peak  # no warmup: the peak at once
+
+
+def sft_samples(cache, n=8):
+    ds = SFTDataset(build_store(SFT, TOKENIZER, "sft", cache), 48)
+    return [ds[i] for i in range(n)]
+
+
+def one_step(micro_batches, grad_clip=0.0):
+    """One trainer.train_step from fixed weights with plain SGD: the update is the gradient itself."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6144, max_seq_len=48))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cfg = trainer.TrainConfig(grad_clip=grad_clip)
+    rt = trainer.Runtime(torch.device("cpu"))
+    loss, _, _ = trainer.train_step(model, optimizer, scaler, micro_batches, 0.5, cfg, rt, nullcontext())
+    return loss, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_accumulation_of_two_micro_batches_equals_one_batch(cache):
+    samples = sft_samples(cache)
+    halves = [collate_batch(samples[:4]), collate_batch(samples[4:])]
+    # the halves train different numbers of tokens: a mean per micro-batch would weigh them wrongly
+    assert halves[0][2].sum() != halves[1][2].sum()
+    loss_whole, params_whole = one_step([collate_batch(samples)])
+    loss_split, params_split = one_step(halves)
+    assert loss_split == pytest.approx(loss_whole, rel=1e-6)
+    assert torch.allclose(params_split, params_whole, atol=1e-5)
+    _, clipped_whole = one_step([collate_batch(samples)], grad_clip=0.1)
+    _, clipped_split = one_step(halves, grad_clip=0.1)
+    assert torch.allclose(clipped_split, clipped_whole, atol=1e-5)
+
+
+def test_sft_trains_only_the_masked_positions(cache):
+    x, y, mask = collate_batch(sft_samples(cache))
+    assert 0 < mask.sum() < mask.numel()
+    other_targets = torch.where(mask.bool(), y, torch.randint_like(y, 5, 6144))  # prompt and padding changed
+    loss, params = one_step([(x, y, mask)])
+    loss_other, params_other = one_step([(x, other_targets, mask)])
+    assert loss_other == loss and torch.equal(params_other, params)
+    trained = mask.nonzero()[0]
+    changed = y.clone()
+    changed[tuple(trained)] = (y[tuple(trained)] + 1) % 6144  # one trained target changed: the step changes
+    assert one_step([(x, changed, mask)])[0] != loss
+
+# -----------------------------------------------------------------------------
+# whole runs
+
+
+def test_pretraining_lowers_validation_loss_and_sft_continues(tmp_path, cache):
+    script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 40, "--out_dir", "pre", cwd=tmp_path, cache=cache)
+    vals = records(tmp_path / "pre", "val_loss")
+    bpc = records(tmp_path / "pre", "val_bpc")
+    assert sorted(vals) == [0, 40] and vals[40] < vals[0] - 0.5
+    assert bpc[40] < bpc[0]
+    losses = records(tmp_path / "pre", "loss")
+    assert sum(list(losses.values())[-5:]) < sum(list(losses.values())[:5])
+    train_state = torch.load(tmp_path / "pre" / "ckpt-0000040" / "train_state.pt", weights_only=True)
+    assert train_state["step"] == 40 and train_state["total_steps"] == 40
+
+    done = script("sft.py", "--data_path", SFT, "--init_from", "pre", "--max_steps", 10, "--out_dir", "sft",
+                  "--max_seq_len", 48, cwd=tmp_path, cache=cache)
+    assert "from pre/ckpt-0000040" in done.stdout
+    vals = records(tmp_path / "sft", "val_loss")
+    assert vals[10] < vals[0] and "val_bpc" not in json.loads((tmp_path / "sft" / "metrics.jsonl").read_text()
+                                                               .splitlines()[0])
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path, cache):
+    # dropout on, so the RNG state must come back too; a checkpoint every 2 steps
+    args = ["--data_path", PRETRAIN, "--max_steps", 60, "--save_interval", 2, "--dropout", 0.1]
+    script("pretrain.py", *args, "--out_dir", "whole", cwd=tmp_path, cache=cache)
+    cmd = [sys.executable, str(REPO / "pretrain.py"), *TINY, "--cache_dir", str(cache), *map(str, args),
+           "--out_dir", "killed"]
+    run = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((tmp_path / "killed").glob("ckpt-*")) and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "ckpt-0000060").exists()  # killed well before the end
+    script("pretrain.py", *args, "--out_dir", "killed", "--resume", cwd=tmp_path, cache=cache)
+    assert records(tmp_path / "killed", "loss") == records(tmp_path / "whole", "loss")
+    assert records(tmp_path / "killed", "val_loss")[60] == records(tmp_path / "whole", "val_loss")[60]
+
+
+def test_two_ddp_processes_match_one_process(tmp_path, cache):
+    args = ["--data_path", PRETRAIN, "--max_steps", 4, "--accumulation_steps", 2, "--save_interval", 100]
+    script("pretrain.py", *args, "--batch_size", 8, "--out_dir", "single", cwd=tmp_path, cache=cache)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "pretrain.py"), *TINY, "--cache_dir", str(cache), *map(str, args), "--batch_size", "4",
+           "--out_dir", "ddp"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = load_file(tmp_path / "single" / "ckpt-0000004" / "model.safetensors")
+    ddp = load_file(tmp_path / "ddp" / "ckpt-0000004" / "model.safetensors")
+    for name in single:
+        assert torch.allclose(ddp[name], single[name], atol=1e-5), name
+    assert records(tmp_path / "ddp", "loss") == pytest.approx(records(tmp_path / "single", "loss"), rel=1e-5)
+
+
+def test_time_limit_plans_a_schedule_that_completes(tmp_path, cache):
+    done = script("pretrain.py", "--data_path", PRETRAIN, "--epochs", 1000, "--time_limit", 8,
+                  "--save_interval", 10_000, "--out_dir", "timed", cwd=tmp_path, cache=cache)
+    assert "time limit 8s:" in done.stdout
+    lrs = records(tmp_path / "timed", "lr")
+    last = max(lrs)
+    state = torch.load(tmp_path / "timed" / f"ckpt-{last:07d}" / "train_state.pt", weights_only=True)
+    assert state["planned"] and state["total_steps"] == last  # the plan was run to its end
+    assert lrs[last] == pytest.approx(trainer.lr_at(last - 1, 3e-3, 0, last))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache):
+    done = script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 50, "--save_interval", 1,
+                  "--learning_rate", 1e6, "--grad_clip", 0, "--out_dir", "nan", cwd=tmp_path, cache=cache,
+                  check=False)
+    assert_one_line_error(done, "not finite", "The last good checkpoint is")
+    step = int(done.stderr.split("step ")[1].split(":")[0])
+    ckpts = sorted(p.name for p in (tmp_path / "nan").glob("ckpt-*"))
+    assert ckpts[-1] == f"ckpt-{step - 1:07d}"  # nothing saved after the bad step
+    weights = load_file(tmp_path / "nan" / ckpts[-1] / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+# -----------------------------------------------------------------------------
+# user errors: one line on stderr naming the flag, no traceback
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--gpus", "0,1"], ["--gpus 0,1", "drop --gpus"]),
+    (["--dtype", "fp8"], ["--dtype", "invalid choice"]),
+    (["--use_swanlab", "maybe"], ["--use_swanlab", "true/false"]),
+    (["--data_path", "missing.jsonl"], ["--data_path missing.jsonl", "no such file"]),
+    (["--resume"], ["--resume", "no checkpoint"]),
+])
+def test_bad_flags_give_one_clear_line(tmp_path, cache, args, fragments):
+    if args[0] == "--gpus" and torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    extra = [] if "--data_path" in args else ["--data_path", PRETRAIN]
+    done = script("pretrain.py", *extra, *args, "--out_dir", "out", cwd=tmp_path, cache=cache, check=False)
+    assert_one_line_error(done, *fragments)
+
+
+def test_booleans_really_parse():
+    base = ["--tokenizer_dir", str(TOKENIZER)]
+    for text, value in [("False", False), ("true", True), ("0", False), ("yes", True), ("no", False)]:
+        assert trainer.parse_config(base + ["--use_swanlab", text], "", {}, {}).use_swanlab is value
+    assert trainer.parse_config(base + ["--use_swanlab"], "", {}, {}).use_swanlab is True
+    assert trainer.parse_config(base, "", {}, {}).use_swanlab is False
+
+
+def test_presets_and_defaults_resolve():
+    base = ["--tokenizer_dir", str(TOKENIZER)]
+    embedded = trainer.parse_config(base, "", {}, {"batch_size": 16})
+    assert (embedded.dim, embedded.batch_size, embedded.vocab_size) == (trainer.PRESETS["tiny"]["dim"], 16, 6144)
+    real = trainer.parse_config(base + ["--data_path", str(PRETRAIN)], "", {}, {"batch_size": 16})
+    assert (real.dim, real.n_layers, real.n_heads, real.n_kv_heads, real.batch_size) == (1024, 18, 16, 8, 64)
+    small = trainer.parse_config(base + ["--preset", "minimind-26m", "--n_layers", "4"], "", {}, {})
+    assert (small.dim, small.n_layers, small.n_kv_heads) == (512, 4, 2)
+    gpt2 = trainer.parse_config(base + ["--model", "gpt2", "--data_path", str(PRETRAIN)], "", {}, {})
+    assert (gpt2.model, gpt2.dim, gpt2.n_layers, gpt2.n_heads) == ("gpt2", 512, 8, 16)
+
+
+def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache):
+    script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 2, "--out_dir", "run", cwd=tmp_path, cache=cache)
+    again = script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 2, "--out_dir", "run", cwd=tmp_path,
+                   cache=cache, check=False)
+    assert_one_line_error(again, "already holds a run", "--resume", "--overwrite")
+
+    wider = script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 4, "--out_dir", "run", "--resume",
+                   "--dim", 64, cwd=tmp_path, cache=cache, check=False)
+    assert_one_line_error(wider, "dim=32 in the checkpoint but dim=64 here")
+
+    tokenizer_json = tmp_path / "run" / "ckpt-0000002" / "tokenizer.json"
+    spec = json.loads(tokenizer_json.read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False))
+    other_vocab = script("sft.py", "--data_path", SFT, "--init_from", "run", "--max_steps", 2, "--out_dir", "sft",
+                         cwd=tmp_path, cache=cache, check=False)
+    assert_one_line_error(other_vocab, "--init_from", "vocabulary differs", "--tokenizer_dir")
+
+    script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 1, "--out_dir", "run", "--overwrite",
+           cwd=tmp_path, cache=cache)
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000001"]
+    assert math.isfinite(records(tmp_path / "run", "loss")[1]) and 2 not in records(tmp_path / "run", "loss")
