@@ -1,0 +1,294 @@
+"""
+Sample from trained models: pretraining continuations, SFT answers, and a streaming chat.
+
+    python model_sample.py                       # newest out/pretrain and out/sft checkpoints
+    python model_sample.py --mode sft --prompt 中国的首都是哪里？ --num_samples 3
+    python model_sample.py --prompt FILE:prompt.txt --max_new_tokens 200
+    python model_sample.py --chat                # multi-turn chat in the terminal
+    python model_sample.py --ckpt pretrain_1024_18_6144.pth --model_config '{"dim": 1024, "n_layers": 18}'
+
+`TextGenerator` loads a checkpoint (a ckpt dir, a run dir, or a bare weights file such as
+happy-llm's .pth) with its tokenizer. `pretrain_sample` continues text the way pretraining saw it
+([<s>] + text, stops at </s>); `sft_sample` wraps the prompt in the chat template and stops at
+<|im_end|>. Both decode all prompts x samples as one batch with the model's KV cache.
+"""
+
+import argparse
+import json
+import pickle
+import re
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from transformers import PreTrainedTokenizerFast
+
+from checkpoint import MODEL_TYPES, build_model, latest_checkpoint, load_model
+from corpus import DEFAULT_SYSTEM, SENTIMENT_QUESTION
+
+REPO = Path(__file__).resolve().parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DIRS = {"pretrain": "out/pretrain", "sft": "out/sft"}
+PRETRAIN_PROMPTS = ["北京", "人工智能", "今天天气"]
+SFT_PROMPTS = ["你好", "中国的首都是哪里？",
+               SENTIMENT_QUESTION.format(review="房间很干净，服务员也很热情，下次还会再来住。"),
+               SENTIMENT_QUESTION.format(review="等了一个小时才上菜，味道也很一般，不会再来了。")]
+
+
+def load_weights_file(path: Path, model_config: dict | None = None):
+    """A model from a bare weights file: a torch.save'd state dict (.pth/.pt/.bin, as happy-llm
+    writes) or a .safetensors file. Such a file holds no config: it comes from model_config or a
+    config.json beside the file."""
+    from_flags = model_config is not None
+    if not from_flags:
+        beside = path.parent / "config.json"
+        if not beside.exists():
+            raise FileNotFoundError(
+                f"{path} holds only weights: put its config.json beside it or pass --model_config, "
+                "e.g. '{\"dim\": 1024, \"n_layers\": 18}' for happy-llm's 215M")
+        model_config = json.loads(beside.read_text())
+    if not isinstance(model_config, dict):
+        raise ValueError(f"model config {model_config!r}: expected a JSON object of ModelConfig fields")
+    kind = model_config.get("model_type")
+    kind = kind if kind in MODEL_TYPES else "k"  # happy-llm's transformers-style config says "Tiny-K"
+    known = {f.name for f in fields(MODEL_TYPES[kind][0])}
+    unknown = sorted(set(model_config) - known - {"model_type"})
+    if unknown and from_flags:  # a config.json may be a transformers dump with many extra keys
+        raise ValueError(f"--model_config: unknown fields {unknown} (known: {sorted(known)})")
+    model = build_model(kind, **{k: v for k, v in model_config.items() if k in known})
+
+    try:
+        if path.suffix == ".safetensors":
+            missing, unexpected = load_safetensors(model, str(path), strict=False)  # knows tied matrices
+        else:
+            # weights_only: unpickling may only build tensors and containers, never call a function,
+            # so a malicious .pth cannot run code on load.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"{path}: expected a state dict (name -> tensor), found a {type(state).__name__}")
+            # torch.compile prefixes every name with "_orig_mod.", DistributedDataParallel with "module."
+            state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in state.items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+    except pickle.UnpicklingError as e:
+        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        raise ValueError(f"{path}: refused, not a plain state dict of tensors: {reason}") from None
+    except RuntimeError as e:  # tensor shapes that differ from the config
+        lines = str(e).splitlines()
+        raise ValueError(f"{path} does not match its config: "
+                         + next((line.strip() for line in lines if "size mismatch" in line), lines[0])) from None
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def read_prompt(prompt: str) -> str:
+    """'FILE:path' reads the prompt from a file (as in happy-llm); the editor's final newline is dropped."""
+    if prompt.startswith("FILE:"):
+        path = Path(prompt[5:])
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} not found")
+        return path.read_text(encoding="utf-8").rstrip("\n")
+    return prompt
+
+
+class StreamDecoder:
+    """Token ids in, printable text out, as the ids arrive. Byte-level BPE may split one character
+    (3 UTF-8 bytes for most Chinese) across tokens; a partial character decodes to U+FFFD, so text
+    is released only up to the last complete character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+def encode_chat(tokenizer, history):
+    """ChatML ids of the system prompt + history, ending with the assistant's generation prompt."""
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + history
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def fit_history(tokenizer, history, budget):
+    """Prompt ids for history (ending with the user's turn) and the history kept: the oldest
+    user/assistant pairs are dropped until the prompt fits in budget tokens. A lone user turn
+    longer than budget is returned as is; the caller decides."""
+    while True:
+        ids = encode_chat(tokenizer, history)
+        if len(ids) <= budget or len(history) == 1:
+            return ids, history
+        history = history[2:]
+
+
+class TextGenerator:
+    def __init__(self, checkpoint, tokenizer_dir=None, device=None, dtype=None, model_config=None):
+        """checkpoint: a ckpt dir, a run dir (its newest ckpt-*) or a weights file (see load_weights_file).
+        tokenizer_dir: default the tokenizer saved with the checkpoint, else tokenizer_k/.
+        device: default cuda if available; dtype: default bfloat16 on a GPU that supports it, else float32."""
+        path = Path(checkpoint)
+        if path.is_file():
+            model, home = load_weights_file(path, model_config), path.parent
+        elif model_config is not None:
+            raise ValueError(f"{path}: model_config is for a bare weights file; a checkpoint dir has its config.json")
+        else:
+            home = latest_checkpoint(path)
+            if home is None:
+                raise FileNotFoundError(f"{path}: no checkpoint here "
+                                        "(expected model.safetensors, ckpt-*/ or a .pth file)")
+            model = load_model(home)
+        self.checkpoint = path if path.is_file() else home
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        self.model = model.to(self.device, DTYPES[dtype]).eval()
+
+        if tokenizer_dir is None:
+            tokenizer_dir = home if (home / "tokenizer.json").exists() else REPO / "tokenizer_k"
+        self.tokenizer_dir = Path(tokenizer_dir)
+        if not (self.tokenizer_dir / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (run python train_tokenizer.py first)")
+        # not AutoTokenizer: it would also read a checkpoint's config.json and warn about model_type "k"
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(self.tokenizer_dir)
+        if len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer_dir} has {len(self.tokenizer)} tokens but the model's "
+                             f"vocab_size is {self.model.config.vocab_size}: pass the tokenizer it was trained with")
+        self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def _sample(self, prompts, num_samples, stop_ids, seed, **sampling):
+        """Decode every prompt num_samples times in one batch; texts prompt-major, new tokens only."""
+        batch = [ids for ids in prompts for _ in range(num_samples)]
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        outputs = self.model.generate(batch, stop_ids=stop_ids, generator=generator, **sampling)
+        return [self.tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
+
+    def pretrain_sample(self, start, num_samples=1, max_new_tokens=256, temperature=0.7, top_k=50,
+                        top_p=None, repetition_penalty=1.1, seed=None):
+        """Continue `start` (a string or a list of them; 'FILE:path' reads a file). Returns
+        len(prompts) * num_samples continuations, all samples of the first prompt first."""
+        prompts = [start] if isinstance(start, str) else start
+        ids = [[self.tokenizer.bos_token_id] + self.tokenizer.encode(read_prompt(p)) for p in prompts]
+        return self._sample(ids, num_samples, (self.tokenizer.eos_token_id,), seed, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+
+    def sft_sample(self, start, num_samples=1, max_new_tokens=256, temperature=0.7, top_k=50,
+                   top_p=None, repetition_penalty=1.1, seed=None):
+        """Answer `start` (a string or a list of them) as the assistant of a one-turn chat."""
+        prompts = [start] if isinstance(start, str) else start
+        ids = [encode_chat(self.tokenizer, [{"role": "user", "content": read_prompt(p)}]) for p in prompts]
+        return self._sample(ids, num_samples, (self.im_end_id, self.tokenizer.eos_token_id), seed,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty)
+
+    def chat(self, max_new_tokens=256, temperature=0.7, top_k=50, top_p=None, repetition_penalty=1.1, seed=None):
+        """A streaming multi-turn chat on stdin/stdout. The history is re-encoded each turn and its
+        oldest turns dropped so that prompt + reply fit in the context; Ctrl-C stops a reply."""
+        max_len = self.model.config.max_seq_len
+        room = min(max_new_tokens, max_len // 2)  # longer replies still work: generate() shifts the context
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, stop_ids=(self.im_end_id, self.tokenizer.eos_token_id),
+                        generator=generator)
+        print(f"chatting with {self.checkpoint}: /reset clears the history, /quit or Ctrl-D leaves, "
+              "Ctrl-C stops a reply")
+        history = []
+        while True:
+            try:
+                user = input("user> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if user == "/quit":
+                return
+            if user == "/reset":
+                history = []
+                print("(history cleared)")
+                continue
+            if not user:
+                continue
+            ids, kept = fit_history(self.tokenizer, history + [{"role": "user", "content": user}], max_len - room)
+            if len(ids) > max_len - room:
+                print(f"(message too long: {len(ids)} tokens with the system prompt; "
+                      f"at most {max_len - room} fit with room for the reply)")
+                continue
+            history = kept
+            print("assistant> ", end="", flush=True)
+            decoder, start = StreamDecoder(self.tokenizer), time.perf_counter()
+            try:
+                for token in self.model.stream(ids, **sampling):
+                    print(decoder.push(token), end="", flush=True)
+            except KeyboardInterrupt:  # stop this reply, keep the conversation
+                print(" [stopped]", end="")
+            seconds = time.perf_counter() - start
+            print(f"\n({len(decoder.ids)} tokens, {len(decoder.ids) / seconds:.1f} tokens/s)")
+            history.append({"role": "assistant", "content": decoder.text})
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Sample from pretrained and SFT checkpoints, or chat.")
+    parser.add_argument("--ckpt", default=None, help="checkpoint dir, run dir or weights file; "
+                        "default: the newest in out/pretrain (pretrain samples) and out/sft (SFT samples, chat)")
+    parser.add_argument("--mode", default="both", choices=["pretrain", "sft", "both"])
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="repeatable; FILE:path reads a file; default: a few fixed Chinese prompts")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--repetition_penalty", type=float, default=1.1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default: bfloat16 on a GPU that supports it, else float32")
+    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, else tokenizer_k/")
+    parser.add_argument("--model_config", type=json.loads, default=None,
+                        help="config of a bare .pth without config.json beside it, as JSON")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                        help="streaming multi-turn chat with the SFT model")
+    args = parser.parse_args()
+    print(args)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+    modes = ["sft"] if args.chat else ["pretrain", "sft"] if args.mode == "both" else [args.mode]
+    found = {m: args.ckpt or latest_checkpoint(DEFAULT_DIRS[m]) for m in modes}
+    if not any(found.values()):
+        raise SystemExit(f"model_sample.py: no checkpoint in {' or '.join(DEFAULT_DIRS[m] for m in modes)}: run "
+                         + " then ".join(f"`python {m}.py`" for m in modes) + " first (or pass --ckpt)")
+    generators = {}
+    try:
+        for mode in modes:
+            if found[mode] is None:
+                print(f"\n(no {mode} checkpoint in {DEFAULT_DIRS[mode]}: run `python {mode}.py` for these samples)")
+                continue
+            if found[mode] not in generators:
+                generators[found[mode]] = TextGenerator(found[mode], args.tokenizer, args.device, args.dtype,
+                                                        args.model_config)
+            gen = generators[found[mode]]
+            if args.chat:
+                gen.chat(**sampling)
+                return
+            prompts = args.prompt or (PRETRAIN_PROMPTS if mode == "pretrain" else SFT_PROMPTS)
+            sample = gen.pretrain_sample if mode == "pretrain" else gen.sft_sample
+            print(f"\n==== {mode} samples from {gen.checkpoint} "
+                  f"({gen.model.num_params() / 1e6:.1f}M parameters, {gen.device}) ====")
+            texts = sample(prompts, num_samples=args.num_samples, **sampling)
+            for i, text in enumerate(texts):
+                prompt = read_prompt(prompts[i // args.num_samples])
+                if mode == "pretrain":
+                    print(f"\n[{i + 1}] {prompt}{text}")
+                else:
+                    print(f"\n[{i + 1}] 用户: {prompt}\n    助手: {text}")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"model_sample.py: {e}")
+
+
+if __name__ == "__main__":
+    main()
