@@ -67,7 +67,7 @@ PRESETS = {
     "happy-llm-82m": dict(model="k", dim=768, n_layers=12, n_heads=16, n_kv_heads=8, max_seq_len=512, dropout=0.0),
     "happy-llm-215m": dict(model="k", dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512,
                            dropout=0.0),
-    "gpt2": dict(model="gpt2", dim=512, n_layers=8, n_heads=16, n_kv_heads=16, max_seq_len=512, dropout=0.1),
+    "gpt2": dict(model="gpt2", dim=512, n_layers=8, n_heads=16, n_kv_heads=16, max_seq_len=256, dropout=0.1),
 }
 SIZE_FIELDS = ("model", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
 PLAN_AFTER = 10  # steps timed before --time_limit fixes the number of steps
