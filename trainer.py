@@ -18,7 +18,8 @@ down to a tenth of it at the last planned step. The number of planned steps is -
 epochs * steps per epoch, and with --time_limit it is shortened so the whole run (tokenising,
 evaluations and the final checkpoint included) ends inside the limit: after PLAN_AFTER steps (not
 counting the first, which pays one-off costs) the mean time per step, the time of one evaluation
-(the one before the first step) and the evaluations still to come give how many steps fit. The
+(the one before the first step) and the evaluations still to come give how many steps fit in
+nine tenths of the time left (later steps are often a little slower than the first ones). The
 plan is fixed then (while warmup_iters > PLAN_AFTER the LR is still warming up, so the new
 horizon causes no jump) and saved with each checkpoint, so a resumed run follows the same
 schedule. If the machine later slows down, the run still stops at the limit, before its schedule
@@ -71,6 +72,7 @@ PRESETS = {
 }
 SIZE_FIELDS = ("model", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
 PLAN_AFTER = 10  # steps timed before --time_limit fixes the number of steps
+PLAN_MARGIN = 0.9  # plan steps for this share of the time left: later steps are often a little slower
 VOCAB_MULTIPLE = 64  # an embedding/head row count that is a multiple of 64 keeps matmuls on fast paths
 
 
@@ -743,11 +745,12 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
             if timed == PLAN_AFTER or state["step"] == state["total_steps"]:
                 per_step = timed_seconds / max(timed, 1)
                 left = deadline - time.time() - final_evals
-                fits = state["step"] + int(max(0.0, left) / (per_step + val_seconds / cfg.eval_interval))
+                per_planned_step = per_step + final_evals / cfg.eval_interval  # with its share of evaluations
+                fits = state["step"] + int(PLAN_MARGIN * max(0.0, left) / per_planned_step)
                 total = all_reduce([min(state["total_steps"], fits)], rt, dist.ReduceOp.MIN)
                 state["total_steps"], state["planned"] = int(total.item()), True
                 bar.total = state["total_steps"]
-                say(f"time limit {cfg.time_limit:.0f}s: {per_step:.3f}s per step, {val_seconds:.1f}s per "
+                say(f"time limit {cfg.time_limit:.0f}s: {per_step:.3f}s per step, {final_evals:.1f}s per "
                     f"evaluation -> {state['total_steps']} steps")
 
         if state["step"] % cfg.log_interval == 0 or state["step"] == state["total_steps"]:
