@@ -708,10 +708,14 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
     # the session that plans the steps for --time_limit also stops at it (a resumed run follows its plan)
     deadline = run_start + cfg.time_limit if not state["planned"] else None
     data, step0, timed_seconds, seconds = None, state["step"], 0.0, 0.0
+    latest = None  # the evaluation of the last step taken, if one ran: the final one reuses it
     interval = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
     while state["step"] < state["total_steps"]:
         final_evals = val_seconds + extra_seconds
-        if deadline and all_reduce([time.time() + seconds + final_evals > deadline], rt, dist.ReduceOp.MAX).item():
+        # the next step, a periodic evaluation after it if one is due, and the final one must all fit
+        periodic = final_evals if (state["step"] + 1) % cfg.eval_interval == 0 else 0.0
+        if deadline and all_reduce([time.time() + seconds + periodic + final_evals > deadline], rt,
+                                   dist.ReduceOp.MAX).item():
             say(f"time limit: stopping at step {state['step']} of the planned {state['total_steps']}")
             break
         step_start = time.time()
@@ -762,12 +766,13 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
             interval = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
         last_step = state["step"] == state["total_steps"]
+        latest = None
         if state["step"] % cfg.eval_interval == 0 and not last_step:
-            run_evals("validation")
+            latest, _, _ = run_evals("validation")
         if state["step"] % cfg.save_interval == 0 and not last_step:
             save()
 
-    after, _, _ = run_evals("after training")
+    after = latest or run_evals("after training")[0]
     save()
     bar.close()
     if rt.master:
