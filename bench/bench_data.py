@@ -3,14 +3,14 @@ Data pipeline benchmark: building the token store, and how much of a batch is pa
 
     python bench/bench_data.py [--gb 1.0]
 
-1. Store build on a generated pretraining jsonl of --gb GB (the embedded corpus repeated, each copy
+1. Padding: the share of computed positions that are padding with happy-llm's samples (every
+   document cut or padded to 512 tokens) against our packed windows for pretraining, and for SFT
+   happy-llm's pad-to-512 against our batches padded to their longest sample, on the embedded corpus.
+2. Store build on a generated pretraining jsonl of --gb GB (the embedded corpus repeated, each copy
    of a document numbered so no two lines are equal) and on a quarter of it: MB of jsonl per second
    and the peak resident memory of the building process, next to the peak memory of happy-llm's
    PretrainDataset, which reads the whole file with readlines() before the first step. Each side
    runs in a fresh process, so its peak RSS is its own.
-2. Padding: the share of computed positions that are padding with happy-llm's samples (every
-   document cut or padded to 512 tokens) against our packed windows for pretraining, and for SFT
-   happy-llm's pad-to-512 against our batches padded to their longest sample, on the embedded corpus.
 """
 
 import argparse
@@ -71,7 +71,7 @@ def child(mode, path, cache_dir):
 
 
 def store_table(gb, work):
-    print("\n1. token store build vs happy-llm's readlines() (peak RSS of a fresh process)\n")
+    print("\n2. token store build vs happy-llm's readlines() (peak RSS of a fresh process)\n")
     print("| jsonl | store build s | MB/s | build peak RSS MiB | readlines() peak RSS MiB |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for fraction in (0.25, 1.0):
@@ -89,7 +89,7 @@ def padding_table(work):
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_file(str(REPO / "tokenizer_k" / "tokenizer.json"))
     paths = corpus.embedded_paths()
-    print(f"\n2. padding share of the computed positions, embedded corpus, {SEQ}-token samples\n")
+    print(f"\n1. padding share of the computed positions, embedded corpus, {SEQ}-token samples\n")
     print("| data | happy-llm (pad to 512) | ours | ours |")
     print("| --- | ---: | ---: | --- |")
     texts = list(corpus.iter_pretrain_texts(paths["pretrain_train"]))
