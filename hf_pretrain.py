@@ -198,6 +198,39 @@ def start_swanlab(mode, name, out_dir, config):
                          f"or use --swanlab offline") from None
 
 
+def training_arguments(args, scheduler="cosine", **extra):
+    """The TrainingArguments of both recipes (hf_sft.py imports this): the same optimizer, schedule,
+    precision, evaluation and checkpoint settings as our own loop, from the scripts' flags."""
+    return TrainingArguments(
+        output_dir=args.out_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        # cosine decays to lr * min_lr_ratio like pretrain.py's schedule, not to 0 as "cosine" does
+        lr_scheduler_type="cosine_with_min_lr" if scheduler == "cosine" else "linear",
+        lr_scheduler_kwargs={"min_lr_rate": args.min_lr_ratio} if scheduler == "cosine" else {},
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=args.bf16,
+        activation_checkpointing=args.gradient_checkpointing,  # gradient_checkpointing: its deprecated alias
+        use_cpu=args.use_cpu,
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=args.logging_steps,
+        report_to="none",  # SwanLab comes in as an explicit callback, its mode chosen by --swanlab
+        seed=args.seed,
+        **extra,
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.data_path = args.data_path or str(corpus.embedded_paths()["pretrain_train"])
@@ -217,33 +250,7 @@ def main(argv=None):
           f"{args.block_size} tokens ({args.max_steps * tokens_per_step / (len(train_ds) * args.block_size):.2f} "
           f"epochs in {args.max_steps} steps), {len(eval_ds)} evaluation blocks")
 
-    training_args = TrainingArguments(
-        output_dir=args.out_dir,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.max_steps,
-        learning_rate=args.lr,
-        # cosine decays to lr * min_lr_ratio like pretrain.py's schedule, not to 0 as "cosine" does
-        lr_scheduler_type="cosine_with_min_lr" if args.scheduler == "cosine" else "linear",
-        lr_scheduler_kwargs={"min_lr_rate": args.min_lr_ratio} if args.scheduler == "cosine" else {},
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,  # gradient_checkpointing: its deprecated alias
-        use_cpu=args.use_cpu,
-        eval_strategy="steps",
-        eval_steps=args.eval_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        logging_steps=args.logging_steps,
-        report_to="none",  # SwanLab comes in as an explicit callback, its mode chosen by --swanlab
-        seed=args.seed,
-    )
+    training_args = training_arguments(args, args.scheduler)
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -26,10 +26,10 @@ import torch
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError
 from swanlab.integration.transformers import SwanLabCallback
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 import corpus
-from hf_pretrain import resolve_device, start_swanlab  # the same device and tracking rules
+from hf_pretrain import resolve_device, start_swanlab, training_arguments  # shared with pretraining
 
 STOP = "<|im_end|>"  # ChatML's end of a turn: the token an answer must end with
 SAMPLE_QUESTIONS = ["你好，你是谁？", "判断下面这条评论的情感是正面还是负面。\n房间很干净，服务也很热情。", "介绍一下北京。"]
@@ -214,33 +214,8 @@ def main(argv=None):
     print(f"{model.num_parameters() / 1e6:.2f}M parameters from {args.init_from}; "
           f"{len(train_ds)} training and {len(eval_ds)} evaluation examples of at most {args.max_len} tokens")
 
-    training_args = TrainingArguments(
-        output_dir=args.out_dir,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.max_steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": args.min_lr_ratio},
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,  # gradient_checkpointing: its deprecated alias
-        use_cpu=args.use_cpu,
-        eval_strategy="steps",
-        eval_steps=args.eval_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        logging_steps=args.logging_steps,
-        report_to="none",  # SwanLab comes in as an explicit callback, its mode chosen by --swanlab
-        remove_unused_columns=False,  # the collator needs "messages", which is no forward() argument
-        seed=args.seed,
-    )
+    # remove_unused_columns=False: the collator needs "messages", which is no forward() argument
+    training_args = training_arguments(args, remove_unused_columns=False)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, processing_class=tokenizer, callbacks=[SwanLabCallback()])
     trainer.train()
