@@ -521,26 +521,31 @@ def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp):
     return step_loss, n_real, grad_norm
 
 
+def text_chars(loader, tokenizer, rt) -> int:
+    """Characters of the text behind the trained targets of all ranks' validation samples: the
+    denominator of bits per character. The samples are the same at every evaluation: counted once."""
+    chars = sum(len(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True))
+                for _, y, mask in loader for row, m in zip(y, mask))
+    return int(all_reduce([chars], rt).item())
+
+
 @torch.no_grad()
-def evaluate(model, loader, rt, amp, tokenizer=None) -> dict:
-    """Validation loss and perplexity over the trained positions; with a tokenizer also bits per
-    character of the evaluated text: total nats / ln 2 / characters, which no tokenizer can game."""
+def evaluate(model, loader, rt, amp, chars=None) -> dict:
+    """Validation loss and perplexity over the trained positions; given the characters of the
+    evaluated text, also bits per character: total nats / ln 2 / characters, which no tokenizer can game."""
     model.eval()
-    nats, tokens, chars = 0.0, 0.0, 0
+    nats, tokens = 0.0, 0.0
     for x, y, mask in loader:
-        if tokenizer is not None:
-            chars += sum(len(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True))
-                         for row, m in zip(y, mask))
         xd, yd, md = to_device((x, y, mask), rt.device)
         with amp:
             _, loss = model(xd, yd, md, reduction="sum")
         nats += loss.item()
         tokens += float(mask.sum())
     model.train()
-    nats, tokens, chars = all_reduce([nats, tokens, chars], rt).tolist()
+    nats, tokens = all_reduce([nats, tokens], rt).tolist()
     loss = nats / max(tokens, 1)
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-    if tokenizer is not None:
+    if chars is not None:
         result["val_bpc"] = nats / math.log(2) / max(chars, 1)
     return result
 
@@ -671,7 +676,7 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
               f"tokens; {steps_per_epoch:,} steps per epoch of {global_batch} samples", flush=True)
 
     val_loader = eval_loader(val_ds, cfg, rt)
-    bpc_tokenizer = tokenizer if cfg.kind == "pretrain" else None
+    val_chars = text_chars(val_loader, tokenizer, rt) if cfg.kind == "pretrain" else None
 
     def say(message):
         if rt.master:
@@ -680,7 +685,7 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
     def run_evals(tag):
         """Validation (all ranks), then the extra evals (rank 0). Returns (metrics, seconds of each part)."""
         started = time.time()
-        result = evaluate(raw_model, val_loader, rt, amp, bpc_tokenizer)
+        result = evaluate(raw_model, val_loader, rt, amp, val_chars)
         val_seconds = time.time() - started
         if rt.master and evals:
             raw_model.eval()
