@@ -2,12 +2,13 @@
 Tokenizer benchmark: our byte-level BPE (no normalizer) against the same recipe with happy-llm's
 NFKC normalizer, both trained on the embedded corpus with vocab 6144.
 
-    python bench/bench_tokenizer.py
+    python bench/bench_tokenizer.py [--other FILE.jsonl]
 
 Reports training time, characters per token and encoding speed on held-out text, and how many
 held-out documents survive decode(encode(text)) == text. NFKC folds ，。！？：；（） into ASCII, so
 a model trained on its ids can never produce Chinese punctuation.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,21 +23,26 @@ import train_tokenizer  # noqa: E402
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 VOCAB_SIZE = 6144
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain_debian_handbook_200.jsonl"
 CHINESE_PUNCT = "，。！？：；（）“”、《》"
 
 
-def heldout_sets(paths):
-    sets = {"news (held-out slice)": list(corpus.iter_pretrain_texts(paths["pretrain_val"])),
+def heldout_sets(paths, other):
+    # another domain: the chatterbot dialogues of the SFT data (never in pretraining), or a user's file
+    dialogues = [m["content"] for c in corpus.iter_conversations(paths["sft_train"])
+                 if c[-1]["content"] not in corpus.LABELS for m in c[1:]]
+    return {"news (held-out slice)": list(corpus.iter_pretrain_texts(paths["pretrain_val"])),
             # the sentiment test reviews are kept out of pretraining, so they are held out too
             "reviews (sentiment test)": [p[-1]["content"].split("\n", 1)[1]
-                                         for p, _ in corpus.sentiment_test_set(paths["sft_test"])]}
-    if FIXTURE.is_file():
-        sets["Debian handbook (other domain)"] = list(corpus.iter_pretrain_texts(FIXTURE))
-    return sets
+                                         for p, _ in corpus.sentiment_test_set(paths["sft_test"])],
+            other or "chatterbot dialogue turns (other domain)":
+                list(corpus.iter_pretrain_texts(other)) if other else dialogues}
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--other", help="a pretraining .jsonl/.txt of another domain to measure as well "
+                        "(default: the chatterbot dialogues)")
+    args = parser.parse_args()
     print(f"machine: {describe_machine()}, tokenizers {tokenizers.__version__}")
     paths = corpus.embedded_paths("data")
     train_path = paths["pretrain_train"]
@@ -57,7 +63,7 @@ def main():
     print("| held-out set | chars | tokenizer | chars/token | encode MB/s | exact round trip "
           "| Chinese punct. kept |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
-    for name, texts in heldout_sets(paths).items():
+    for name, texts in heldout_sets(paths, args.other).items():
         chars = sum(map(len, texts))
         n_bytes = sum(len(t.encode()) for t in texts)
         punct = sum(t.count(c) for t in texts for c in CHINESE_PUNCT)

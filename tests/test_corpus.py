@@ -10,8 +10,8 @@ import pytest
 
 import corpus
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import REPO
+
 SYSTEM = {"role": "system", "content": "你是一个AI助手"}
 
 
@@ -29,25 +29,29 @@ def assert_valid_conversation(messages):
     assert messages[-1]["role"] == "assistant" and messages[-1]["content"].strip()
     assert all(isinstance(m["content"], str) for m in messages)
 
-# ----------------------------------------------------------------------------- fixtures, in place
+# ----------------------------------------------------------------------------- the user formats of conftest
 
 
-def test_fixture_pretrain_jsonl():
+def test_seq_monkey_shaped_jsonl(pretrain_jsonl):
     stats = Counter()
-    texts = list(corpus.iter_pretrain_texts(DATA / "pretrain_debian_handbook_200.jsonl", stats))
+    texts = list(corpus.iter_pretrain_texts(pretrain_jsonl, stats))
     assert len(texts) == 200 and stats == {"ok": 200}
-    assert texts[0].startswith("本章以不同的视角")
+    assert texts == [json.loads(line)["text"] for line in pretrain_jsonl.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("name,n", [("belle_1k", 1000), ("chatterbot_zh", 467), ("alpaca_zh_1k", 1000)])
-def test_fixture_belle_format(name, n):
-    convs = list(corpus.iter_conversations(DATA / f"{name}.jsonl"))
+@pytest.mark.parametrize("name,n", [("belle_jsonl", 1000), ("chatterbot_jsonl", 467), ("alpaca_jsonl", 1000)])
+def test_belle_and_alpaca_records(request, name, n):
+    path = request.getfixturevalue(name)
+    convs = list(corpus.iter_conversations(path))
     assert len(convs) == n
     for messages in convs:
         assert_valid_conversation(messages)
         assert messages[0] == SYSTEM
-    first = json.loads((DATA / f"{name}.jsonl").open(encoding="utf-8").readline())
-    assert [m["content"] for m in convs[0][1:]] == [t["value"] for t in first["conversations"]]
+    first = json.loads(path.open(encoding="utf-8").readline())
+    if "conversations" in first:
+        assert [m["content"] for m in convs[0][1:]] == [t["value"] for t in first["conversations"]]
+    else:
+        assert [m["content"] for m in convs[0][1:]] == [f"{first['instruction']}\n{first['input']}", first["output"]]
 
 # ----------------------------------------------------------------------------- other formats
 
@@ -122,7 +126,7 @@ def test_bom_and_crlf_are_accepted(tmp_path):
     assert list(corpus.iter_pretrain_texts(txt)) == ["第一行", "第二行"]
 
 
-def test_mostly_bad_file_raises_naming_it(tmp_path):
+def test_mostly_bad_file_raises_naming_it(tmp_path, belle_jsonl):
     # judged at each bad line once 20 lines are read: line 20 is the 14th bad one
     path = write_lines(tmp_path / "wrong_format.jsonl", [{"conversations": []}, "{", {"text": "ok"}] * 100)
     with pytest.raises(ValueError, match=r"wrong_format\.jsonl: 14 of the first 20 records are unusable "
@@ -132,7 +136,7 @@ def test_mostly_bad_file_raises_naming_it(tmp_path):
     ok = write_lines(tmp_path / "bad_start.jsonl", ["{"] * 11 + [{"text": "ok"}] * 100)
     assert len(list(corpus.iter_pretrain_texts(ok))) == 100
     # an SFT file given to the pretraining reader: all bad, and fewer than 20 lines
-    sft = DATA / "belle_1k.jsonl"
+    sft = belle_jsonl
     with pytest.raises(ValueError, match=r"belle_1k\.jsonl: .*unusable.*Expected JSON Lines with a \"text\""):
         list(corpus.iter_pretrain_texts(sft))
     short = write_lines(tmp_path / "short.jsonl", ["not json", {"text": ""}])
@@ -153,23 +157,23 @@ def test_wrong_path_and_empty_file(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_chunk_and_sft_conversion(tmp_path):
+def test_chunk_and_sft_conversion(tmp_path, belle_jsonl):
     src = write_lines(tmp_path / "seq_monkey.jsonl", [{"text": "字" * 1100}, {"text": "短文"}])
     out = tmp_path / "seq_monkey_datawhale.jsonl"
     corpus.chunk_file(src, out)
     assert [len(t) for t in corpus.iter_pretrain_texts(out)] == [512, 512, 76, 2]
     out = tmp_path / "BelleGroup_sft.jsonl"
-    corpus.sft_file(DATA / "belle_1k.jsonl", out)
+    corpus.sft_file(belle_jsonl, out)
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1000
     first = json.loads(lines[0])
     assert isinstance(first, list) and first[0] == SYSTEM and first[1]["role"] == "user"
-    assert list(corpus.iter_conversations(out)) == list(corpus.iter_conversations(DATA / "belle_1k.jsonl"))
+    assert list(corpus.iter_conversations(out)) == list(corpus.iter_conversations(belle_jsonl))
 
 
-def test_failed_conversion_leaves_no_file(tmp_path):
+def test_failed_conversion_leaves_no_file(tmp_path, belle_jsonl):
     with pytest.raises(ValueError, match="unusable"):
-        corpus.chunk_file(DATA / "belle_1k.jsonl", tmp_path / "out.jsonl")
+        corpus.chunk_file(belle_jsonl, tmp_path / "out.jsonl")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -180,11 +184,6 @@ def test_cli_errors_are_one_line(tmp_path):
     assert run.stderr.strip() == f"{tmp_path / 'x.json'}: no such file"
 
 # ----------------------------------------------------------------------------- embedded default
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    return corpus.embedded_paths(tmp_path_factory.mktemp("data"))
 
 
 def test_halfwidth():
@@ -229,7 +228,8 @@ def test_embedded_sft_split(embedded):
     assert not test_reviews & set(corpus.iter_pretrain_texts(embedded["pretrain_train"]))
 
 
-def test_embedded_is_cached_and_rebuilt_on_recipe_change(embedded, monkeypatch):
+def test_embedded_is_cached_and_rebuilt_on_recipe_change(tmp_path, monkeypatch):
+    embedded = corpus.embedded_paths(tmp_path)  # its own copy: the session's stays untouched
     mtime = embedded["sft_test"].stat().st_mtime_ns
     assert corpus.embedded_paths(embedded["sft_test"].parents[1]) == embedded
     assert embedded["sft_test"].stat().st_mtime_ns == mtime

@@ -15,9 +15,8 @@ import corpus
 from dataset import (EpochSampler, PretrainDataset, SFTDataset, build_store, collate_batch, load_chat_template,
                      render_with_spans, show_sample)
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TOKENIZER_DIR = REPO / "tokenizer_k"
+from conftest import TOKENIZER_DIR
+
 TOKENIZER = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
 IM_END = "<|im_end|>"
 
@@ -27,9 +26,9 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture(scope="module", params=["belle_1k.jsonl", "chatterbot_zh.jsonl"])
+@pytest.fixture(scope="module", params=["belle_jsonl", "chatterbot_jsonl"])
 def sft_file(request):
-    return DATA / request.param
+    return request.getfixturevalue(request.param)
 
 
 def trained_runs(tokens, mask):
@@ -74,8 +73,8 @@ def test_exactly_the_replies_and_their_end_marker_are_trained(sft_file, cache):
     assert sft_file.name == "belle_1k.jsonl" or multi_turn >= 10  # chatterbot has multi-turn dialogues
 
 
-def test_truncation_keeps_tokens_and_mask_aligned(cache, capsys):
-    store = build_store(DATA / "belle_1k.jsonl", TOKENIZER_DIR, "sft", cache)
+def test_truncation_keeps_tokens_and_mask_aligned(cache, capsys, belle_jsonl):
+    store = build_store(belle_jsonl, TOKENIZER_DIR, "sft", cache)
     full, short = SFTDataset(store, 4096), SFTDataset(store, 40)
     # conversations whose reply starts after token 40 would train nothing: left out, and said so
     assert 0 < len(short) < len(full) and "left out" in capsys.readouterr().err
@@ -92,8 +91,8 @@ def test_truncation_keeps_tokens_and_mask_aligned(cache, capsys):
     assert all(not full[d][2][:40].any() for d in left_out)
 
 
-def test_collate_pads_with_zero_and_never_trains_padding(cache):
-    ds = SFTDataset(build_store(DATA / "belle_1k.jsonl", TOKENIZER_DIR, "sft", cache), 128)
+def test_collate_pads_with_zero_and_never_trains_padding(cache, belle_jsonl):
+    ds = SFTDataset(build_store(belle_jsonl, TOKENIZER_DIR, "sft", cache), 128)
     samples = [ds[i] for i in range(6)]
     x, y, mask = collate_batch(samples)
     assert x.shape == y.shape == mask.shape == (6, max(len(s[0]) for s in samples))
@@ -112,8 +111,8 @@ def test_show_sample_marks_the_reply():
 # pretraining: packed windows
 
 
-def test_packing_trains_every_token_once_per_epoch(cache):
-    path = DATA / "pretrain_debian_handbook_200.jsonl"
+def test_packing_trains_every_token_once_per_epoch(cache, pretrain_jsonl):
+    path = pretrain_jsonl
     store = build_store(path, TOKENIZER_DIR, "pretrain", cache)
     texts = list(corpus.iter_pretrain_texts(path))
     assert len(store) == len(texts)
@@ -164,9 +163,9 @@ def test_sampler_resumes_at_any_position_and_shards_global_batches():
 # the store: cached, rebuilt on change, memory-mapped, bad input
 
 
-def test_store_is_reused_and_rebuilt_when_data_or_tokenizer_change(tmp_path, capsys):
+def test_store_is_reused_and_rebuilt_when_data_or_tokenizer_change(tmp_path, capsys, pretrain_jsonl):
     data = tmp_path / "docs.jsonl"
-    shutil.copy(DATA / "pretrain_debian_handbook_200.jsonl", data)
+    shutil.copy(pretrain_jsonl, data)
     first = build_store(data, TOKENIZER_DIR, "pretrain", tmp_path / "cache")
     assert "tokenising" in capsys.readouterr().err
     assert len(build_store(data, TOKENIZER_DIR, "pretrain", tmp_path / "cache")) == len(first)
@@ -191,8 +190,8 @@ def test_store_is_reused_and_rebuilt_when_data_or_tokenizer_change(tmp_path, cap
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [grown.dir.name]  # one store per file, no leftovers
 
 
-def test_store_is_compact_and_pickles_without_its_tokens(cache):
-    store = build_store(DATA / "belle_1k.jsonl", TOKENIZER_DIR, "sft", cache)
+def test_store_is_compact_and_pickles_without_its_tokens(cache, belle_jsonl):
+    store = build_store(belle_jsonl, TOKENIZER_DIR, "sft", cache)
     assert store.tokens.dtype == np.uint16 and isinstance(store.tokens, np.memmap)
     assert (store.dir / "tokens.bin").stat().st_size == 2 * len(store.tokens)
     blob = pickle.dumps(store)  # what a spawned DataLoader worker receives

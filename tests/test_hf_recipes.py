@@ -12,17 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 import hf_pretrain
 import hf_sft
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer_k"
+from conftest import REPO, TOKENIZER_DIR as TOKENIZER, write_jsonl
+
 IM_END = "<|im_end|>"
 TINY = ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4", "--num_kv_heads", "2",
         "--intermediate_size", "128"]
 QUIET = ["--swanlab", "disabled", "--no-bf16", "--use_cpu", "--logging_steps", "2"]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +26,12 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, pretrain_jsonl):
     """hf_pretrain.py for 6 steps on the seq-monkey-shaped fixture: its output directory. SwanLab runs
     in its default offline mode here: a login prompt would hang the test, a login error fail it."""
     tmp = tmp_path_factory.mktemp("hf_pretrain")
     return hf_pretrain.main([
-        "--data_path", str(DATA / "pretrain_debian_handbook_200.jsonl"), "--out_dir", str(tmp / "out"),
+        "--data_path", str(pretrain_jsonl), "--out_dir", str(tmp / "out"),
         "--cache_dir", str(tmp / "cache"), "--block_size", "64", "--batch_size", "4", "--max_steps", "6",
         "--warmup_steps", "2", "--eval_steps", "3", "--save_steps", "3", "--max_eval_blocks", "8",
         "--sample_tokens", "8", *TINY, *QUIET[2:]])
@@ -168,13 +163,19 @@ def test_collator_masks_exactly_prompt_and_padding(tokenizer):
     assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END))
 
 
-def test_sft_reads_belle_and_alpaca_one_example_per_reply(tmp_path, tokenizer):
+def test_sft_reads_belle_and_alpaca_one_example_per_reply(tmp_path, tokenizer, belle_jsonl, alpaca_jsonl):
     collator = hf_sft.SFTCollator(tokenizer, max_len=256)
-    for name in ("belle_1k.jsonl", "alpaca_zh_1k.jsonl"):
-        train, test = hf_sft.build_datasets(DATA / name, collator, 0.05, str(tmp_path / "cache"))
-        assert 900 < len(train) + len(test) <= 1000  # a few with over-long prompts are dropped
+    examples = {}
+    for path in (belle_jsonl, alpaca_jsonl):
+        train, test = hf_sft.build_datasets(path, collator, 0.05, str(tmp_path / "cache"))
+        examples[path] = len(train) + len(test)
         batch = collator([train[i] for i in range(4)])
         assert (batch["labels"] != -100).any(dim=1).all()  # every example trains some reply tokens
+    # no prompt reaches 256 tokens here, so every reply is one example: alpaca has one per record,
+    # belle's multi-turn dialogues have several
+    assert examples[alpaca_jsonl] == 1000
+    assert examples[belle_jsonl] == sum(m["role"] == "assistant" for c in hf_sft.corpus.iter_conversations(belle_jsonl)
+                                        for m in c) > 1000
 
 
 def test_sft_from_pretrain_checkpoint_saves_a_reloadable_model(pretrained, tmp_path):
@@ -197,7 +198,7 @@ def test_sentiment_accuracy_draws_a_fair_subset(tmp_path, monkeypatch):
     assert n == 10 and 0 < accuracy < 1 and baseline == max(accuracy, 1 - accuracy)
 
 
-def test_sft_starts_from_an_exported_k_model(tmp_path, monkeypatch):
+def test_sft_starts_from_an_exported_k_model(tmp_path, monkeypatch, belle_jsonl):
     # export_hf.py's output is a plain LlamaForCausalLM directory: hf_sft.py fine-tunes it as is
     import export_hf
     from checkpoint import save_checkpoint
@@ -207,7 +208,7 @@ def test_sft_starts_from_an_exported_k_model(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "k", model, step=1, tokenizer_dir=TOKENIZER)
     monkeypatch.setattr(sys, "argv", ["export_hf.py", "--ckpt", str(tmp_path / "k"), "--out_dir", str(tmp_path / "hf")])
     export_hf.main()
-    out = hf_sft.main(["--data_path", str(DATA / "belle_1k.jsonl"), "--init_from", str(tmp_path / "hf"),
+    out = hf_sft.main(["--data_path", str(belle_jsonl), "--init_from", str(tmp_path / "hf"),
                        "--out_dir", str(tmp_path / "sft"), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2",
                        "--eval_steps", "2", "--save_steps", "2", "--max_len", "128", *QUIET])
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
@@ -232,13 +233,13 @@ def test_sft_learns_to_stop_and_infer_returns_only_the_reply(tmp_path, tokenizer
     assert hf_sft.infer(model, tokenizer, "请回答第99个问题", max_new_tokens=20) == "好的，没问题"
 
 
-def test_trainer_matches_our_loop_step_by_step(tmp_path):
+def test_trainer_matches_our_loop_step_by_step(tmp_path, pretrain_jsonl):
     # bench/bench_crosscheck.py at toy size: same weights, batches, schedule and AdamW on both sides
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(REPO / "bench"))
     import bench_crosscheck
     args = bench_crosscheck.parse_args(["--steps", "12", "--warmup", "3", "--batch", "4", "--seq", "64", "--dim", "64",
                                         "--n_layers", "2", "--eval_every", "6", "--val_windows", "8"])
-    fixture = DATA / "pretrain_debian_handbook_200.jsonl"
+    fixture = pretrain_jsonl
     _, loop, hf = bench_crosscheck.crosscheck(args, fixture, fixture, tmp_path / "cache", tmp_path / "out")
     assert hf["lrs"] == pytest.approx(loop["lrs"], rel=1e-9, abs=1e-12)  # cosine_with_min_lr == our schedule
     assert hf["losses"] == pytest.approx(loop["losses"], rel=1e-4)

@@ -10,9 +10,8 @@ from transformers import AutoTokenizer
 
 import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO / "tokenizer_k"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import REPO, TOKENIZER_DIR
+
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -92,8 +91,8 @@ def test_shipped_tokenizer_is_what_the_default_command_writes(tmp_path):
         assert (out / name).read_bytes() == (TOKENIZER_DIR / name).read_bytes(), name
 
 
-def test_cli_small_corpus_and_bad_flags(tmp_path, monkeypatch, capsys):
-    fixture = str(DATA / "pretrain_debian_handbook_200.jsonl")
+def test_cli_small_corpus_and_bad_flags(tmp_path, monkeypatch, capsys, pretrain_jsonl):
+    fixture = str(pretrain_jsonl)
     out = tmp_path / "tok"
     argv = ["train_tokenizer.py", "--out_dir", str(out), "--val_path", fixture]
     monkeypatch.setattr(sys, "argv", argv + ["--data_path", fixture, "--vocab_size", "600",

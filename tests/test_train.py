@@ -22,11 +22,8 @@ import trainer
 from dataset import SFTDataset, build_store, collate_batch
 from k_model import ModelConfig, Transformer
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PRETRAIN = DATA / "pretrain_debian_handbook_200.jsonl"
-SFT = DATA / "belle_1k.jsonl"
-TOKENIZER = REPO / "tokenizer_k"
+from conftest import REPO, TOKENIZER_DIR as TOKENIZER
+
 TINY = ["--preset", "tiny", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1",
         "--max_seq_len", "32", "--batch_size", "4", "--accumulation_steps", "1", "--learning_rate", "3e-3",
         "--num_workers", "0", "--device", "cpu", "--dtype", "float32", "--log_interval", "1",
@@ -77,9 +74,11 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert trainer.lr_at(0, peak, 0, total) == peak  # no warmup: the peak at once
 
 
-def sft_samples(cache, n=8):
-    ds = SFTDataset(build_store(SFT, TOKENIZER, "sft", cache), 48)
-    return [ds[i] for i in range(n)]
+@pytest.fixture(scope="module")
+def sft_samples(cache, belle_jsonl):
+    """The first 8 SFT samples of the BelleGroup-shaped fixture, cut to 48 tokens."""
+    ds = SFTDataset(build_store(belle_jsonl, TOKENIZER, "sft", cache), 48)
+    return [ds[i] for i in range(8)]
 
 
 def one_step(micro_batches, grad_clip=0.0):
@@ -94,8 +93,8 @@ def one_step(micro_batches, grad_clip=0.0):
     return loss, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_accumulation_of_two_micro_batches_equals_one_batch(cache):
-    samples = sft_samples(cache)
+def test_accumulation_of_two_micro_batches_equals_one_batch(sft_samples):
+    samples = sft_samples
     halves = [collate_batch(samples[:4]), collate_batch(samples[4:])]
     # the halves train different numbers of tokens: a mean per micro-batch would weigh them wrongly
     assert halves[0][2].sum() != halves[1][2].sum()
@@ -108,8 +107,8 @@ def test_accumulation_of_two_micro_batches_equals_one_batch(cache):
     assert torch.allclose(clipped_split, clipped_whole, atol=1e-5)
 
 
-def test_sft_trains_only_the_masked_positions(cache):
-    x, y, mask = collate_batch(sft_samples(cache))
+def test_sft_trains_only_the_masked_positions(sft_samples):
+    x, y, mask = collate_batch(sft_samples)
     assert 0 < mask.sum() < mask.numel()
     other_targets = torch.where(mask.bool(), y, torch.randint_like(y, 5, 6144))  # prompt and padding changed
     loss, params = one_step([(x, y, mask)])
@@ -124,8 +123,8 @@ def test_sft_trains_only_the_masked_positions(cache):
 # whole runs
 
 
-def test_pretraining_lowers_validation_loss_and_sft_continues(tmp_path, cache):
-    script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 40, "--out_dir", "pre", cwd=tmp_path, cache=cache)
+def test_pretraining_lowers_validation_loss_and_sft_continues(tmp_path, cache, pretrain_jsonl, belle_jsonl):
+    script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 40, "--out_dir", "pre", cwd=tmp_path, cache=cache)
     vals = records(tmp_path / "pre", "val_loss")
     bpc = records(tmp_path / "pre", "val_bpc")
     assert sorted(vals) == [0, 40] and vals[40] < vals[0] - 0.5
@@ -135,7 +134,7 @@ def test_pretraining_lowers_validation_loss_and_sft_continues(tmp_path, cache):
     train_state = torch.load(tmp_path / "pre" / "ckpt-0000040" / "train_state.pt", weights_only=True)
     assert train_state["step"] == 40 and train_state["total_steps"] == 40
 
-    done = script("sft.py", "--data_path", SFT, "--init_from", "pre", "--max_steps", 10, "--out_dir", "sft",
+    done = script("sft.py", "--data_path", belle_jsonl, "--init_from", "pre", "--max_steps", 10, "--out_dir", "sft",
                   "--max_seq_len", 48, cwd=tmp_path, cache=cache)
     assert "from pre/ckpt-0000040" in done.stdout
     vals = records(tmp_path / "sft", "val_loss")
@@ -143,9 +142,9 @@ def test_pretraining_lowers_validation_loss_and_sft_continues(tmp_path, cache):
                                                                .splitlines()[0])
 
 
-def test_killed_run_resumes_with_identical_losses(tmp_path, cache):
+def test_killed_run_resumes_with_identical_losses(tmp_path, cache, pretrain_jsonl):
     # dropout on, so the RNG state must come back too; a checkpoint every 2 steps
-    args = ["--data_path", PRETRAIN, "--max_steps", 60, "--save_interval", 2, "--dropout", 0.1]
+    args = ["--data_path", pretrain_jsonl, "--max_steps", 60, "--save_interval", 2, "--dropout", 0.1]
     script("pretrain.py", *args, "--out_dir", "whole", cwd=tmp_path, cache=cache)
     cmd = [sys.executable, str(REPO / "pretrain.py"), *TINY, "--cache_dir", str(cache), *map(str, args),
            "--out_dir", "killed"]
@@ -161,8 +160,8 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, cache):
     assert records(tmp_path / "killed", "val_loss")[60] == records(tmp_path / "whole", "val_loss")[60]
 
 
-def test_two_ddp_processes_match_one_process(tmp_path, cache):
-    args = ["--data_path", PRETRAIN, "--max_steps", 4, "--accumulation_steps", 2, "--save_interval", 100]
+def test_two_ddp_processes_match_one_process(tmp_path, cache, pretrain_jsonl):
+    args = ["--data_path", pretrain_jsonl, "--max_steps", 4, "--accumulation_steps", 2, "--save_interval", 100]
     script("pretrain.py", *args, "--batch_size", 8, "--out_dir", "single", cwd=tmp_path, cache=cache)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "pretrain.py"), *TINY, "--cache_dir", str(cache), *map(str, args), "--batch_size", "4",
@@ -171,13 +170,16 @@ def test_two_ddp_processes_match_one_process(tmp_path, cache):
     assert done.returncode == 0, done.stderr[-3000:]
     single = load_file(tmp_path / "single" / "ckpt-0000004" / "model.safetensors")
     ddp = load_file(tmp_path / "ddp" / "ckpt-0000004" / "model.safetensors")
+    # Adam divides by sqrt(v): a gradient element near zero turns float rounding (the two ranks add in
+    # another order) into an update difference of up to ~lr/100; a real DDP mistake (a gradient off by
+    # world_size, a rank's batch missing) moves every weight by ~lr = 3e-3
     for name in single:
-        assert torch.allclose(ddp[name], single[name], atol=1e-5), name
+        assert torch.allclose(ddp[name], single[name], atol=1e-4), name
     assert records(tmp_path / "ddp", "loss") == pytest.approx(records(tmp_path / "single", "loss"), rel=1e-5)
 
 
-def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache):
-    done = script("pretrain.py", "--data_path", PRETRAIN, "--epochs", 1000, "--time_limit", 8,
+def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache, pretrain_jsonl):
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--epochs", 1000, "--time_limit", 8,
                   "--save_interval", 10_000, "--out_dir", "timed", cwd=tmp_path, cache=cache)
     assert "time limit 8s:" in done.stdout
     lrs = records(tmp_path / "timed", "lr")
@@ -194,8 +196,8 @@ def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache):
     assert last >= 0.75 * total
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache):
-    done = script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 50, "--save_interval", 1,
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache, pretrain_jsonl):
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 50, "--save_interval", 1,
                   "--learning_rate", 1e6, "--grad_clip", 0, "--out_dir", "nan", cwd=tmp_path, cache=cache,
                   check=False)
     assert_one_line_error(done, "not finite", "The last good checkpoint is")
@@ -216,10 +218,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache):
     (["--data_path", "missing.jsonl"], ["--data_path missing.jsonl", "no such file"]),
     (["--resume"], ["--resume", "no checkpoint"]),
 ])
-def test_bad_flags_give_one_clear_line(tmp_path, cache, args, fragments):
+def test_bad_flags_give_one_clear_line(tmp_path, cache, args, fragments, pretrain_jsonl):
     if args[0] == "--gpus" and torch.cuda.is_available():
         pytest.skip("this machine has GPUs")
-    extra = [] if "--data_path" in args else ["--data_path", PRETRAIN]
+    extra = [] if "--data_path" in args else ["--data_path", pretrain_jsonl]
     done = script("pretrain.py", *extra, *args, "--out_dir", "out", cwd=tmp_path, cache=cache, check=False)
     assert_one_line_error(done, *fragments)
 
@@ -232,25 +234,25 @@ def test_booleans_really_parse():
     assert trainer.parse_config(base, "", {}, {}).use_swanlab is False
 
 
-def test_presets_and_defaults_resolve():
+def test_presets_and_defaults_resolve(pretrain_jsonl):
     base = ["--tokenizer_dir", str(TOKENIZER)]
     embedded = trainer.parse_config(base, "", {}, {"batch_size": 16})
     assert (embedded.dim, embedded.batch_size, embedded.vocab_size) == (trainer.PRESETS["tiny"]["dim"], 16, 6144)
-    real = trainer.parse_config(base + ["--data_path", str(PRETRAIN)], "", {}, {"batch_size": 16})
+    real = trainer.parse_config(base + ["--data_path", str(pretrain_jsonl)], "", {}, {"batch_size": 16})
     assert (real.dim, real.n_layers, real.n_heads, real.n_kv_heads, real.batch_size) == (1024, 18, 16, 8, 64)
     small = trainer.parse_config(base + ["--preset", "minimind-26m", "--n_layers", "4"], "", {}, {})
     assert (small.dim, small.n_layers, small.n_kv_heads) == (512, 4, 2)
-    gpt2 = trainer.parse_config(base + ["--model", "gpt2", "--data_path", str(PRETRAIN)], "", {}, {})
+    gpt2 = trainer.parse_config(base + ["--model", "gpt2", "--data_path", str(pretrain_jsonl)], "", {}, {})
     assert (gpt2.model, gpt2.dim, gpt2.n_layers, gpt2.n_heads) == ("gpt2", 512, 8, 16)
 
 
-def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache):
-    script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 2, "--out_dir", "run", cwd=tmp_path, cache=cache)
-    again = script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 2, "--out_dir", "run", cwd=tmp_path,
+def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache, pretrain_jsonl, belle_jsonl):
+    script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 2, "--out_dir", "run", cwd=tmp_path, cache=cache)
+    again = script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 2, "--out_dir", "run", cwd=tmp_path,
                    cache=cache, check=False)
     assert_one_line_error(again, "already holds a run", "--resume", "--overwrite")
 
-    wider = script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 4, "--out_dir", "run", "--resume",
+    wider = script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 4, "--out_dir", "run", "--resume",
                    "--dim", 64, cwd=tmp_path, cache=cache, check=False)
     assert_one_line_error(wider, "dim=32 in the checkpoint but dim=64 here")
 
@@ -260,11 +262,11 @@ def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache):
     first, second = list(vocab)[300:302]
     vocab[first], vocab[second] = vocab[second], vocab[first]
     tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False))
-    other_vocab = script("sft.py", "--data_path", SFT, "--init_from", "run", "--max_steps", 2, "--out_dir", "sft",
+    other_vocab = script("sft.py", "--data_path", belle_jsonl, "--init_from", "run", "--max_steps", 2, "--out_dir", "sft",
                          cwd=tmp_path, cache=cache, check=False)
     assert_one_line_error(other_vocab, "--init_from", "vocabulary differs", "--tokenizer_dir")
 
-    script("pretrain.py", "--data_path", PRETRAIN, "--max_steps", 1, "--out_dir", "run", "--overwrite",
+    script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 1, "--out_dir", "run", "--overwrite",
            cwd=tmp_path, cache=cache)
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000001"]
     assert math.isfinite(records(tmp_path / "run", "loss")[1]) and 2 not in records(tmp_path / "run", "loss")
