@@ -55,7 +55,7 @@ def main():
     models = {
         "K-Model": lambda: Transformer(ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=8, n_kv_heads=4,
                                                    max_seq_len=args.seq)),
-        "GPT2 baseline": lambda: GPT2(GPT2Config(d_model=args.dim, n_layers=args.n_layers, n_heads=8,
+        "GPT2 baseline": lambda: GPT2(GPT2Config(dim=args.dim, n_layers=args.n_layers, n_heads=8,
                                                  vocab_size=6144, max_seq_len=args.seq, dropout=0.0)),
     }
     dtypes = [torch.float32, torch.bfloat16]

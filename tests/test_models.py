@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_model import GPT2, GPT2Config
-from k_model import ModelConfig, Transformer, apply_repetition_penalty, sample_next
+from generation import apply_repetition_penalty, decode_step, prefill, sample_next
+from k_model import ModelConfig, Transformer
 
 
 def tiny_k(**kw):
@@ -14,7 +15,7 @@ def tiny_k(**kw):
 
 
 def tiny_gpt2(**kw):
-    cfg = dict(d_model=64, n_layers=2, n_heads=4, vocab_size=97, max_seq_len=48, dropout=0.0)
+    cfg = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, max_seq_len=48, dropout=0.0)
     return GPT2(GPT2Config(**{**cfg, **kw})).eval()
 
 
@@ -74,19 +75,41 @@ def test_causality(make):
         assert not torch.allclose(logits[:, t + 1], logits2[:, t + 1])
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("make", MODELS)
-def test_kv_cache_matches_full_forward_at_every_step(make):
+def test_kv_cache_matches_full_forward_at_every_step(make, static):
     model = make()
     x = torch.randint(0, 97, (2, 30))
     full, _ = model(x)
-    cache = model.new_cache(2, 48)
-    real = torch.ones(2, 1, dtype=torch.bool)
+    cache = model.new_cache(2, static=static)
     # a 10-token prefill, then one token at a time
-    steps = [model._prefill(x[:, :10], torch.ones(2, 10, dtype=torch.bool), cache)]
-    assert torch.allclose(steps[0], full[:, 9], atol=1e-5)
+    assert torch.allclose(prefill(model, cache, x[:, :10].tolist()), full[:, 9], atol=1e-5)
     for t in range(10, 30):
-        step_logits = model._prefill(x[:, t:t + 1], real, cache)
+        step_logits = decode_step(model, cache, x[:, t])
+        cache.advance(1)
         assert torch.allclose(step_logits, full[:, t], atol=1e-5), f"step {t}"
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_rows_of_a_cache_hold_prompts_of_any_length_and_refill_alone(make):
+    """Right-padded prompts of different lengths in one prefill, then one row refilled alone (as a
+    request joining a running batch): every row's logits are those of its own full forward."""
+    model = make()
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 5))
+    cache = model.new_cache(2)
+    logits = prefill(model, cache, [a[0].tolist(), b[0].tolist()])
+    assert torch.allclose(logits[0], model(a)[0][0, -1], atol=1e-5)
+    assert torch.allclose(logits[1], model(b)[0][0, -1], atol=1e-5)
+    assert cache.lengths.tolist() == [12, 5]
+    c = torch.randint(0, 97, (1, 7))
+    row = cache.row(1)
+    row.lengths.zero_()
+    assert torch.allclose(prefill(model, row, [c[0].tolist()])[0], model(c)[0][0, -1], atol=1e-5)
+    assert cache.lengths.tolist() == [12, 7]
+    nxt = torch.tensor([3, 4])
+    logits = decode_step(model, cache, nxt)
+    assert torch.allclose(logits[0], model(torch.cat([a, nxt[None, :1]], 1))[0][0, -1], atol=1e-5)
+    assert torch.allclose(logits[1], model(torch.cat([c, nxt[None, 1:]], 1))[0][0, -1], atol=1e-5)
 
 
 @pytest.mark.parametrize("make", MODELS)
@@ -184,6 +207,27 @@ def test_config_validation():
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="divisible"):
-        GPT2Config(d_model=100, n_heads=16)
+        GPT2Config(dim=100, n_heads=16)
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny_k()(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_sampler_settings_mean_what_they_mean_in_transformers():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    for off in (None, 0, -1, 50, 500):  # top_k <= 0 (or >= the vocabulary) keeps every token
+        drawn = sample_next(logits, top_k=off, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(drawn, sample_next(logits, generator=torch.Generator().manual_seed(2)))
+    model = tiny_k()
+    for bad, message in [(dict(top_p=0), r"top_p=0: must be in \(0, 1\]"), (dict(top_p=1.5), "top_p=1.5"),
+                         (dict(temperature=-1), "temperature=-1"), (dict(repetition_penalty=0), "repetition_penalty=0")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate([[1, 2]], 3, **bad)
+    assert len(model.generate([[1, 2]], 3, top_k=0, top_p=1.0)[0]) == 3
+
+
+def test_generate_takes_a_tensor_of_prompts():
+    model = tiny_k()
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    assert model.generate(torch.tensor(prompts), 6, temperature=0) == model.generate(prompts, 6, temperature=0)
+    with pytest.raises(ValueError, match=r"expected \[batch, tokens\]"):
+        model.generate(torch.tensor([1, 2, 3]), 3)

@@ -1,0 +1,246 @@
+"""
+Decoding, shared by both models: the KV cache, the samplers and the generate/stream loop
+(k_model.py and gpt2_model.py hold only the networks; CausalLM.generate and .stream call here).
+
+    model.generate([[1, 5, 9], [1, 7]], max_new_tokens=64, temperature=0.7, top_p=0.9)
+    for token in model.stream([1, 5, 9], temperature=0): ...
+
+The cache. Each new token attends to the keys and values of every earlier token in every layer;
+keeping them (the KV cache) makes a decoding step cost one token's compute instead of the whole
+sequence's. Row b of a batch keeps its tokens in slots 0 .. lengths[b]-1 of its own cache row,
+so a token's slot is its position. Prompts of different lengths therefore need no padding inside
+the cache, one row can be refilled alone (a request joining a running batch, a row whose context
+is full) and the tensors never change shape, which lets CUDA replay a captured decoding step
+(DecodeStep below).
+
+The mask. A query at position p may attend to the slots 0..p of its own row, nothing else:
+mask[b, t, j] = j <= lengths[b] + t. One rule covers a prompt's prefill (causal), a one-token
+step (everything so far) and right-padded rows of a batch (a padding query sees only its own
+row's slots, and no real query ever sees a padding slot, which the next real token overwrites).
+"""
+
+import copy
+import warnings
+from typing import Iterator
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: k, v [n_layers, batch, n_kv_heads, max_len, head_dim].
+
+    lengths [batch]: how many slots of each row hold real tokens. A forward through the model
+    calls `begin` once (positions and mask of the new tokens), `update` in every layer (write them,
+    read all slots that may be attended to); the caller then calls `advance` with the number of
+    real new tokens of each row. static=True always reads all max_len slots: the shapes and the
+    work of every step are then fixed, with no read of `lengths` back to the host.
+    """
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, device, dtype, static=False):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.static = static
+        self.span = max_len  # slots read by the current forward, set by begin()
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def row(self, b) -> "KVCache":
+        """Row b alone, as a batch of one that shares this cache's storage."""
+        view = copy.copy(self)
+        view.k, view.v, view.lengths = self.k[:, b:b + 1], self.v[:, b:b + 1], self.lengths[b:b + 1]
+        return view
+
+    def begin(self, T):
+        """Positions [B, T] of T new tokens per row and the attention mask [B, 1, T, span]."""
+        device = self.lengths.device
+        positions = self.lengths[:, None] + torch.arange(T, device=device)
+        self.span = self.max_len if self.static else min(self.max_len, int(self.lengths.max()) + T)
+        mask = torch.arange(self.span, device=device) <= positions[:, None, :, None]
+        # a row never holds more than max_len tokens (callers keep lengths + real tokens <= max_len);
+        # clamping keeps the table lookups of padding and of finished rows in range
+        return positions.clamp(max=self.max_len - 1), mask
+
+    def update(self, layer, k, v):
+        """Write k, v [B, H_kv, T, hd] of the new tokens at their slots; return every key and value
+        a query may attend to, [B, H_kv, span, hd]."""
+        B, H, T, hd = k.shape
+        slots = (self.lengths[:, None] + torch.arange(T, device=k.device)).clamp(max=self.max_len - 1)
+        index = slots[:, None, :, None].expand(B, H, T, hd)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
+
+    def advance(self, n):
+        self.lengths += n
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """Refuse settings that mean nothing, in one line; top_k of None or <= 0 means no top-k, as in
+    transformers."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy decoding)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 keeps every token; use temperature=0 for greedy)")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty}: must be > 0 (1 is no penalty)")
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL's penalty on every token already in the sequence: positive logits are divided by it,
+    negative ones multiplied, so a seen token always becomes less likely."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draw one token per row of logits [B, V]. temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the best token is always kept
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+# -----------------------------------------------------------------------------
+# prefill and one decoding step
+
+
+def prefill(model, cache, prompts):
+    """Run prompts (lists of ids, each fitting in the cache after its row's tokens) through the model
+    on top of the cache, right-padded to one batch; returns the logits [B, V] after each prompt's
+    last token. The cache rows advance by each prompt's own length."""
+    lengths = torch.tensor([len(p) for p in prompts], device=cache.lengths.device)
+    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=cache.lengths.device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.as_tensor(p, device=tokens.device)
+    h = model.hidden_states(tokens, cache)
+    cache.advance(lengths)
+    return model.output(h[torch.arange(len(prompts), device=h.device), lengths - 1]).float()
+
+
+def decode_step(model, cache, tokens):
+    """One new token per row, tokens [B] -> logits [B, V]; the caller advances the rows it keeps."""
+    return model.output(model.hidden_states(tokens[:, None], cache)[:, -1]).float()
+
+
+class DecodeStep:
+    """decode_step on CUDA, captured once as a CUDA graph and replayed: a step of a small model is
+    hundreds of tiny kernels, each costing more to launch from Python than to run, so replaying the
+    recorded launches is many times faster. It needs fixed shapes and addresses: a static cache
+    (every step reads all max_len slots) and the input tokens copied into one buffer."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros_like(cache.lengths)
+        side = torch.cuda.Stream()  # warm up (allocations, kernel selection) off the capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decode_step(model, cache, self.tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, cache, self.tokens)
+
+    def __call__(self, tokens):
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits.clone()
+
+# -----------------------------------------------------------------------------
+# the decoding loop
+
+
+def as_prompt_lists(prompts):
+    """A list of id lists, or a [B, T] LongTensor of prompts (happy-llm's calling convention)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts tensor of shape {tuple(prompts.shape)}: expected [batch, tokens]")
+        return prompts.tolist()
+    return [list(p) for p in prompts]
+
+
+@torch.inference_mode()
+def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
+           repetition_penalty=1.0, stop_ids=(), generator=None, captured=None) -> Iterator[torch.Tensor]:
+    """Yield one tensor [B] of sampled tokens per step (a finished row repeats a stop id).
+
+    captured: replay the step as a CUDA graph (default: on CUDA). When a row's context is full,
+    its cache row is refilled with its last max_len // 2 tokens and decoding goes on."""
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    prompts = as_prompt_lists(prompts)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one token in every prompt (e.g. the BOS id)")
+    max_len = model.config.max_seq_len
+    if max(map(len, prompts)) >= max_len:
+        warnings.warn(f"prompt longer than the context ({max_len} tokens): keeping its last {max_len - 1}")
+        prompts = [p[-(max_len - 1):] for p in prompts]
+    device = next(model.parameters()).device
+    captured = device.type == "cuda" if captured is None else captured
+    B = len(prompts)
+    cache = model.new_cache(B, static=captured)
+    step = DecodeStep(model, cache) if captured else (lambda tokens: decode_step(model, cache, tokens))
+    logits = prefill(model, cache, prompts)
+    history = [list(p) for p in prompts]  # kept to refill a row whose context is full
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        seen[i, p] = True
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        token = torch.where(finished, stop[0], sample_next(logits, temperature, top_k, top_p, generator))
+        yield token
+        finished |= torch.isin(token, stop)
+        if finished.all():
+            return
+        seen[torch.arange(B, device=device), token] = True
+        for i, t in enumerate(token.tolist()):
+            history[i].append(t)
+        full = (cache.lengths == max_len) & ~finished
+        logits = step(token)
+        cache.advance((~finished & ~full).long())
+        for b in full.nonzero().flatten().tolist():
+            row = cache.row(b)
+            row.lengths.zero_()
+            logits[b] = prefill(model, row, [history[b][-(max_len // 2):]])[0]
+
+
+def generate(model, prompts, **sampling):
+    """The new tokens of each prompt (stop token excluded); prompts of different lengths are decoded
+    as one batch. See `decode` for the settings."""
+    stop_ids = set(sampling.get("stop_ids", ()))
+    prompts = as_prompt_lists(prompts)
+    outputs, done = [[] for _ in prompts], [False] * len(prompts)
+    for step in decode(model, prompts, **sampling):
+        for i, token in enumerate(step.tolist()):
+            if not done[i]:
+                done[i] = token in stop_ids
+                if not done[i]:
+                    outputs[i].append(token)
+    return outputs
+
+
+def stream(model, prompt, **sampling) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are sampled, until a stop id or the limit."""
+    stop_ids = set(sampling.get("stop_ids", ()))
+    for step in decode(model, [prompt], **sampling):
+        token = int(step[0])
+        if token in stop_ids:
+            return
+        yield token
