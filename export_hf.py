@@ -31,15 +31,15 @@ and is refused.
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from checkpoint import TOKENIZER_FILES
+from checkpoint import copy_tokenizer, load_model, weights_source
 from k_model import ModelConfig, Transformer
-from model_sample import DTYPES, TextGenerator
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
@@ -140,35 +140,41 @@ def main():
     parser = argparse.ArgumentParser(description="Export a K-Model checkpoint to transformers' Llama format.")
     parser.add_argument("--ckpt", default="out/sft", help="checkpoint dir, run dir (its newest ckpt-*) or .pth file")
     parser.add_argument("--out_dir", default="out/hf")
-    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, else tokenizer_k/")
+    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's own (or the one beside a weights file)")
     parser.add_argument("--model_config", type=json.loads, default=None,
                         help="for a bare .pth without config.json beside it: JSON, "
                         "e.g. '{\"dim\": 1024, \"n_layers\": 18}'")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     args = parser.parse_args()
-    print(args)
     try:
-        gen = TextGenerator(args.ckpt, tokenizer_dir=args.tokenizer, model_config=args.model_config)
-        tok = gen.tokenizer
-        hf = to_hf_llama(gen.model, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        source = weights_source(args.ckpt)
+        # always fp32 on the CPU: loaded on a GPU in bf16 (the sampler's default there), the weights
+        # would be rounded before being written "in float32"
+        model = load_model(source, "cpu", torch.float32, args.model_config)
+        tokenizer_dir = Path(args.tokenizer or (source.parent if source.is_file() else source))
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json; pass --tokenizer DIR, the tokenizer "
+                                    "the model was trained with")
+        tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        hf = to_hf_llama(model, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"export_hf.py: {e}")
+    print(f"exporting {source} ({model.num_params() / 1e6:.2f}M parameters) with the tokenizer of {tokenizer_dir} "
+          f"to {args.out_dir} in {args.dtype}")
     # A chat reply ends with <|im_end|>, a document with </s>: generate() stops at either.
     hf.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")],
         pad_token_id=tok.pad_token_id)
     out_dir = Path(args.out_dir)
     hf.to(DTYPES[args.dtype]).save_pretrained(out_dir)
-    for name in TOKENIZER_FILES:  # byte for byte, chat template included
-        if (gen.tokenizer_dir / name).exists():
-            shutil.copy2(gen.tokenizer_dir / name, out_dir / name)
+    copy_tokenizer(tokenizer_dir, out_dir)  # byte for byte, chat template included
     print(f"wrote {out_dir}: {', '.join(sorted(p.name for p in out_dir.iterdir()))}")
 
     # Check the export the way a user will load it: same logits as our model on a real prompt.
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     ids = torch.tensor([[tok.bos_token_id] + tok.encode("人工智能是")])
     with torch.inference_mode():
-        diff = (reloaded(ids).logits - gen.model(ids)[0]).abs().max().item()
+        diff = (reloaded(ids).logits - model(ids)[0]).abs().max().item()
     print(f"max |logits difference| vs our model: {diff:.2e} ({args.dtype} weights, fp32 compute)")
 
 

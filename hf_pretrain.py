@@ -35,9 +35,10 @@ from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from swanlab.integration.transformers import SwanLabCallback
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling,
-                          Qwen2Config, Trainer, TrainingArguments, pipeline, set_seed)
+                          Qwen2Config, Trainer, pipeline, set_seed)
 
 import corpus
+from hf_common import print_config, resolve_device, start_swanlab, training_arguments
 
 PROMPTS = ["人工智能", "牛顿", "北京市", "亚洲历史"]
 
@@ -174,68 +175,11 @@ def build_model(args, tokenizer):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def resolve_device(args):
-    """Fill in --use_cpu and --bf16 when not given. Trainer refuses bf16 on a CPU unless use_cpu is
-    set explicitly, so a machine without a GPU says so."""
-    if args.use_cpu is None:
-        args.use_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    if args.bf16 is None:
-        if args.use_cpu:
-            # on a CPU, bf16 autocast pays off only with native bf16 dot products (AVX512-BF16, AMX)
-            args.bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        else:
-            args.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def start_swanlab(mode, name, out_dir, config):
-    """Open the run the SwanLabCallback logs into. The mode is always explicit and prompts are off:
-    swanlab's own default (cloud) would stop at a login prompt, or fail, on a machine without an account."""
-    try:
-        swanlab.init(project="k-model", name=name, mode=mode, log_dir=str(Path(out_dir) / "swanlog"),
-                     config=config, settings=swanlab.Settings(interactive=False))
-    except RuntimeError as e:
-        raise SystemExit(f"--swanlab {mode}: {e} Run `swanlab login` (or set SWANLAB_API_KEY), "
-                         f"or use --swanlab offline") from None
-
-
-def training_arguments(args, scheduler="cosine", **extra):
-    """The TrainingArguments of both recipes (hf_sft.py imports this): the same optimizer, schedule,
-    precision, evaluation and checkpoint settings as our own loop, from the scripts' flags."""
-    return TrainingArguments(
-        output_dir=args.out_dir,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.max_steps,
-        learning_rate=args.lr,
-        # cosine decays to lr * min_lr_ratio like pretrain.py's schedule, not to 0 as "cosine" does
-        lr_scheduler_type="cosine_with_min_lr" if scheduler == "cosine" else "linear",
-        lr_scheduler_kwargs={"min_lr_rate": args.min_lr_ratio} if scheduler == "cosine" else {},
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,  # gradient_checkpointing: its deprecated alias
-        use_cpu=args.use_cpu,
-        eval_strategy="steps",
-        eval_steps=args.eval_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        logging_steps=args.logging_steps,
-        report_to="none",  # SwanLab comes in as an explicit callback, its mode chosen by --swanlab
-        seed=args.seed,
-        **extra,
-    )
-
-
 def main(argv=None):
     args = parse_args(argv)
     args.data_path = args.data_path or str(corpus.embedded_paths()["pretrain_train"])
     resolve_device(args)
-    print(vars(args))
+    print_config(args)
     start_swanlab(args.swanlab, "hf_pretrain", args.out_dir, vars(args))  # first: a missing login fails at once
     set_seed(args.seed)
 

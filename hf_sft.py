@@ -18,7 +18,6 @@ is a different id: a recipe that pads with EOS and masks padding by id never tra
 
 import argparse
 import random
-from collections import Counter
 from pathlib import Path
 
 import swanlab
@@ -29,7 +28,7 @@ from swanlab.integration.transformers import SwanLabCallback
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
 import corpus
-from hf_pretrain import resolve_device, start_swanlab, training_arguments  # shared with pretraining
+from hf_common import print_config, resolve_device, start_swanlab, training_arguments
 
 STOP = "<|im_end|>"  # ChatML's end of a turn: the token an answer must end with
 SAMPLE_QUESTIONS = ["你好，你是谁？", "判断下面这条评论的情感是正面还是负面。\n房间很干净，服务也很热情。", "介绍一下北京。"]
@@ -190,10 +189,9 @@ def sentiment_accuracy(model, tokenizer, test_path, max_test):
     drawn at random with a fixed seed, so every run asks the same questions."""
     items = corpus.sentiment_test_set(test_path)
     items = random.Random(0).sample(items, min(max_test, len(items)))
-    correct = sum(infer(model, tokenizer, prompt[-1]["content"], max_new_tokens=4).strip() == label
-                  for prompt, label in items)
-    majority = max(Counter(label for _, label in items).values())
-    return correct / len(items), majority / len(items), len(items)
+    accuracy, majority = corpus.sentiment_accuracy(
+        items, lambda prompts: [infer(model, tokenizer, p[-1]["content"], max_new_tokens=4) for p in prompts])
+    return accuracy, majority, len(items)
 
 
 def main(argv=None):
@@ -202,7 +200,7 @@ def main(argv=None):
         embedded = corpus.embedded_paths()
         args.data_path, args.test_path = str(embedded["sft_train"]), args.test_path or str(embedded["sft_test"])
     resolve_device(args)
-    print(vars(args))
+    print_config(args)
     start_swanlab(args.swanlab, "hf_sft", args.out_dir, vars(args))  # first: a missing login fails at once
     set_seed(args.seed)
 

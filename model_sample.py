@@ -15,18 +15,16 @@ happy-llm's .pth) with its tokenizer. `pretrain_sample` continues text the way p
 
 import argparse
 import json
-import pickle
-import re
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors
 from transformers import PreTrainedTokenizerFast
 
-from checkpoint import MODEL_TYPES, build_model, latest_checkpoint, load_model
+from checkpoint import latest_checkpoint, load_model, weights_source
 from corpus import DEFAULT_SYSTEM, SENTIMENT_QUESTION
+from generation import check_sampling
+from runtime import bf16_supported
 
 REPO = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,52 +33,6 @@ PRETRAIN_PROMPTS = ["北京", "人工智能", "今天天气"]
 SFT_PROMPTS = ["你好", "中国的首都是哪里？",
                SENTIMENT_QUESTION.format(review="房间很干净，服务员也很热情，下次还会再来住。"),
                SENTIMENT_QUESTION.format(review="等了一个小时才上菜，味道也很一般，不会再来了。")]
-
-
-def load_weights_file(path: Path, model_config: dict | None = None):
-    """A model from a bare weights file: a torch.save'd state dict (.pth/.pt/.bin, as happy-llm
-    writes) or a .safetensors file. Such a file holds no config: it comes from model_config or a
-    config.json beside the file."""
-    from_flags = model_config is not None
-    if not from_flags:
-        beside = path.parent / "config.json"
-        if not beside.exists():
-            raise FileNotFoundError(
-                f"{path} holds only weights: put its config.json beside it or pass --model_config, "
-                "e.g. '{\"dim\": 1024, \"n_layers\": 18}' for happy-llm's 215M")
-        model_config = json.loads(beside.read_text())
-    if not isinstance(model_config, dict):
-        raise ValueError(f"model config {model_config!r}: expected a JSON object of ModelConfig fields")
-    kind = model_config.get("model_type")
-    kind = kind if kind in MODEL_TYPES else "k"  # happy-llm's transformers-style config says "Tiny-K"
-    known = {f.name for f in fields(MODEL_TYPES[kind][0])}
-    unknown = sorted(set(model_config) - known - {"model_type"})
-    if unknown and from_flags:  # a config.json may be a transformers dump with many extra keys
-        raise ValueError(f"--model_config: unknown fields {unknown} (known: {sorted(known)})")
-    model = build_model(kind, **{k: v for k, v in model_config.items() if k in known})
-
-    try:
-        if path.suffix == ".safetensors":
-            missing, unexpected = load_safetensors(model, str(path), strict=False)  # knows tied matrices
-        else:
-            # weights_only: unpickling may only build tensors and containers, never call a function,
-            # so a malicious .pth cannot run code on load.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError(f"{path}: expected a state dict (name -> tensor), found a {type(state).__name__}")
-            # torch.compile prefixes every name with "_orig_mod.", DistributedDataParallel with "module."
-            state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in state.items()}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-    except pickle.UnpicklingError as e:
-        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
-        raise ValueError(f"{path}: refused, not a plain state dict of tensors: {reason}") from None
-    except RuntimeError as e:  # tensor shapes that differ from the config
-        lines = str(e).splitlines()
-        raise ValueError(f"{path} does not match its config: "
-                         + next((line.strip() for line in lines if "size mismatch" in line), lines[0])) from None
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model
 
 
 def read_prompt(prompt: str) -> str:
@@ -129,31 +81,26 @@ def fit_history(tokenizer, history, budget):
 
 class TextGenerator:
     def __init__(self, checkpoint, tokenizer_dir=None, device=None, dtype=None, model_config=None):
-        """checkpoint: a ckpt dir, a run dir (its newest ckpt-*) or a weights file (see load_weights_file).
-        tokenizer_dir: default the tokenizer saved with the checkpoint, else tokenizer_k/.
-        device: default cuda if available; dtype: default bfloat16 on a GPU that supports it, else float32."""
-        path = Path(checkpoint)
-        if path.is_file():
-            model, home = load_weights_file(path, model_config), path.parent
-        elif model_config is not None:
-            raise ValueError(f"{path}: model_config is for a bare weights file; a checkpoint dir has its config.json")
-        else:
-            home = latest_checkpoint(path)
-            if home is None:
-                raise FileNotFoundError(f"{path}: no checkpoint here "
-                                        "(expected model.safetensors, ckpt-*/ or a .pth file)")
-            model = load_model(home)
-        self.checkpoint = path if path.is_file() else home
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        self.model = model.to(self.device, DTYPES[dtype]).eval()
-
+        """checkpoint: a ckpt dir, a run dir (its newest ckpt-*) or a weights file (checkpoint.load_model).
+        tokenizer_dir: default the tokenizer saved with the checkpoint (or beside a weights file); a
+        bare weights file with none beside it needs one (it may come from another tokenizer).
+        device: default cuda if available; dtype: default bfloat16 on a GPU that has it, else float32."""
+        self.checkpoint = weights_source(checkpoint)
+        home = self.checkpoint.parent if self.checkpoint.is_file() else self.checkpoint
         if tokenizer_dir is None:
-            tokenizer_dir = home if (home / "tokenizer.json").exists() else REPO / "tokenizer_k"
+            if not (home / "tokenizer.json").exists():
+                # happy-llm's .pth files come with their own tokenizer_k/: the same size as ours but
+                # another vocabulary, so decoding with ours would print fluent-looking garbage
+                raise ValueError(f"{self.checkpoint} is a weights file with no tokenizer beside it: pass --tokenizer "
+                                 "DIR, the tokenizer it was trained with (for happy-llm's .pth, its tokenizer_k/)")
+            tokenizer_dir = home
         self.tokenizer_dir = Path(tokenizer_dir)
         if not (self.tokenizer_dir / "tokenizer.json").exists():
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (run python train_tokenizer.py first)")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = "bfloat16" if self.device.type == "cuda" and bf16_supported(self.device) else "float32"
+        self.model = load_model(self.checkpoint, self.device, DTYPES[dtype], model_config).eval()
         # not AutoTokenizer: it would also read a checkpoint's config.json and warn about model_type "k"
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(self.tokenizer_dir)
         if len(self.tokenizer) > self.model.config.vocab_size:
@@ -171,7 +118,9 @@ class TextGenerator:
     def pretrain_sample(self, start, num_samples=1, max_new_tokens=256, temperature=0.7, top_k=50,
                         top_p=None, repetition_penalty=1.1, seed=None):
         """Continue `start` (a string or a list of them; 'FILE:path' reads a file). Returns
-        len(prompts) * num_samples continuations, all samples of the first prompt first."""
+        len(prompts) * num_samples continuations, all samples of the first prompt first. Each prompt
+        starts with the tokenizer's BOS, as pretraining documents did (<s> here; happy-llm's
+        tokenizer_k/ says <|im_start|>, so its models get theirs)."""
         prompts = [start] if isinstance(start, str) else start
         ids = [[self.tokenizer.bos_token_id] + self.tokenizer.encode(read_prompt(p)) for p in prompts]
         return self._sample(ids, num_samples, (self.tokenizer.eos_token_id,), seed, max_new_tokens=max_new_tokens,
@@ -240,22 +189,27 @@ def main():
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    parser.add_argument("--top_k", type=int, default=50)
-    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--top_k", type=int, default=50, help="0 or less: no top-k cut")
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling, in (0, 1]; default: off")
     parser.add_argument("--repetition_penalty", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default: bfloat16 on a GPU that supports it, else float32")
-    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, else tokenizer_k/")
+    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's own (needed for a bare "
+                        "weights file with no tokenizer beside it)")
     parser.add_argument("--model_config", type=json.loads, default=None,
                         help="config of a bare .pth without config.json beside it, as JSON")
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                         help="streaming multi-turn chat with the SFT model")
     args = parser.parse_args()
-    print(args)
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except ValueError as e:
+        raise SystemExit(f"model_sample.py: --{e}") from None
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    print("sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()))
 
     modes = ["sft"] if args.chat else ["pretrain", "sft"] if args.mode == "both" else [args.mode]
     found = {m: args.ckpt or latest_checkpoint(DEFAULT_DIRS[m]) for m in modes}

@@ -6,8 +6,8 @@ Train the byte-level BPE tokenizer and write it to tokenizer_k/ in transformers'
 
 Byte-level BPE (GPT-2 style): text is split with the GPT-2 regex, each piece is taken as UTF-8
 bytes, and merges are learned over bytes. All 256 bytes are in the vocabulary, so any Unicode text
-encodes without <unk> and decodes back exactly. There is deliberately NO normalizer: happy-llm's
-NFKC turns ，！？：（ into ,!?:( so a model trained on its ids can never write Chinese punctuation.
+encodes without <unk> and decodes back exactly. There is deliberately NO normalizer: NFKC would
+turn ，！？：（ into ,!?:( and a model trained on its ids could never write Chinese punctuation.
 
 Special tokens (ids 0-4): <unk> <s> </s> <|im_start|> <|im_end|>. <s>/</s> wrap pretraining
 documents; <|im_start|>/<|im_end|> frame ChatML turns and <|im_end|> is the chat stop token. The pad
@@ -114,10 +114,13 @@ def main():
     parser.add_argument("--data_dir", default="data", help="where the embedded corpus is built")
     args = parser.parse_args()
     if args.data_path is None or args.val_path is None:
-        embedded = corpus.embedded_paths(args.data_dir)
+        try:
+            embedded = corpus.embedded_paths(args.data_dir)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
         args.data_path = args.data_path or str(embedded["pretrain_train"])
         args.val_path = args.val_path or str(embedded["pretrain_val"])
-    print(args)
+    print("config: " + ", ".join(f"{k} {v}" for k, v in vars(args).items()))
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
         raise SystemExit(f"--vocab_size {args.vocab_size}: must be at least "
                          f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")

@@ -100,7 +100,7 @@ def test_exported_dir_loads_with_no_custom_code(tmp_path):
 
 
 def test_gpt2_baseline_is_refused(tmp_path, monkeypatch):
-    gpt2 = GPT2(GPT2Config(d_model=32, n_layers=1, n_heads=2, vocab_size=6144, max_seq_len=16, dropout=0.0))
+    gpt2 = GPT2(GPT2Config(dim=32, n_layers=1, n_heads=2, vocab_size=6144, max_seq_len=16, dropout=0.0))
     with pytest.raises(ValueError, match="no transformers twin"):
         to_hf_llama(gpt2)
     save_checkpoint(tmp_path / "run", gpt2, step=1, tokenizer_dir=REPO / "tokenizer_k")
@@ -110,3 +110,16 @@ def test_gpt2_baseline_is_refused(tmp_path, monkeypatch):
         export_hf.main()
     assert "\n" not in str(e.value)
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_loads_fp32_on_the_cpu_even_where_a_gpu_is_the_default(tmp_path, monkeypatch):
+    # on a GPU machine the sampler's default is CUDA + bf16: an export through it held bf16-rounded
+    # weights and compared logits across devices. The export reads the checkpoint itself, fp32 on the CPU.
+    model = tiny(vocab_size=6144, max_seq_len=128)
+    save_checkpoint(tmp_path / "run", model, step=1, tokenizer_dir=REPO / "tokenizer_k")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["export_hf.py", "--ckpt", str(tmp_path / "run"), "--out_dir", str(tmp_path / "hf")])
+    export_hf.main()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(exported.model.embed_tokens.weight, model.tok_embeddings.weight)  # not rounded

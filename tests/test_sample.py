@@ -2,6 +2,7 @@
 FILE: prompts, streaming decode, history trimming, the chat loop and the CLI."""
 
 import builtins
+import json
 import os
 import subprocess
 import sys
@@ -92,19 +93,36 @@ def test_file_prompt(gen, tmp_path):
 def test_happy_llm_pth_with_compile_prefix(tmp_path):
     model = tiny()
     torch.save({f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, tmp_path / "pretrain.pth")
+    tokenizer = REPO / "tokenizer_k"
+    # a bare weights file may come from another tokenizer of the same size (happy-llm's): it must be named
+    with pytest.raises(ValueError, match="no tokenizer beside it: pass --tokenizer DIR"):
+        TextGenerator(tmp_path / "pretrain.pth", model_config=CONFIG)
     with pytest.raises(FileNotFoundError, match="config.json beside it or pass --model_config"):
-        TextGenerator(tmp_path / "pretrain.pth")
+        TextGenerator(tmp_path / "pretrain.pth", tokenizer)
     with pytest.raises(ValueError, match=r"unknown fields \['n_layer'\]"):
-        TextGenerator(tmp_path / "pretrain.pth", model_config={**CONFIG, "n_layer": 2})
+        TextGenerator(tmp_path / "pretrain.pth", tokenizer, model_config={**CONFIG, "n_layer": 2})
     with pytest.raises(ValueError, match="size mismatch"):
-        TextGenerator(tmp_path / "pretrain.pth", model_config={**CONFIG, "dim": 128})
-    gen = TextGenerator(tmp_path / "pretrain.pth", device="cpu", model_config=CONFIG)
+        TextGenerator(tmp_path / "pretrain.pth", tokenizer, model_config={**CONFIG, "dim": 128})
+    gen = TextGenerator(tmp_path / "pretrain.pth", tokenizer, device="cpu", model_config=CONFIG)
     x = torch.randint(0, 6144, (2, 12))
     assert torch.equal(gen.model(x)[0], model(x)[0])
-    assert gen.tokenizer_dir == REPO / "tokenizer_k"  # no tokenizer beside the file
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(ValueError, match="expected a state dict"):
-        TextGenerator(tmp_path / "tensor.pth", model_config=CONFIG)
+        TextGenerator(tmp_path / "tensor.pth", tokenizer, model_config=CONFIG)
+
+
+def test_pretrain_samples_start_with_the_tokenizers_own_bos(tmp_path, gen):
+    """happy-llm's tokenizer has <|im_start|> as its BOS: its models get it, ours get <s>."""
+    happy = tmp_path / "happy_tokenizer"
+    gen.tokenizer.save_pretrained(happy)
+    config = json.loads((happy / "tokenizer_config.json").read_text())
+    (happy / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|im_start|>"}))
+    ckpt = gen.checkpoint
+    theirs = TextGenerator(ckpt, happy, device="cpu")
+    prompts = []
+    theirs.model.generate = lambda batch, **kw: prompts.extend(batch) or [[] for _ in batch]
+    theirs.pretrain_sample("北京", max_new_tokens=2)
+    assert prompts[0][0] == 3 and gen.tokenizer.bos_token_id == 1
 
 
 def test_weights_file_inside_a_checkpoint_and_misplaced_config(ckpt):
@@ -112,7 +130,7 @@ def test_weights_file_inside_a_checkpoint_and_misplaced_config(ckpt):
     assert gen.model.output.weight is gen.model.tok_embeddings.weight and gen.tokenizer_dir == ckpt
     x = torch.randint(0, 6144, (1, 8))
     assert torch.equal(gen.model(x)[0], TextGenerator(ckpt, device="cpu").model(x)[0])
-    with pytest.raises(ValueError, match="model_config is for a bare weights file"):
+    with pytest.raises(ValueError, match="model config is for a bare weights file"):
         TextGenerator(ckpt, model_config=CONFIG)
 
 
@@ -125,7 +143,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
 
     torch.save({"tok_embeddings.weight": Exploit()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="refused, not a plain state dict.*posix.system"):
-        TextGenerator(tmp_path / "evil.pth", model_config=CONFIG)
+        TextGenerator(tmp_path / "evil.pth", REPO / "tokenizer_k", model_config=CONFIG)
     assert not marker.exists()
 
 
@@ -199,3 +217,12 @@ def test_cli_samples_the_newest_checkpoints(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "sft samples from out/sft/ckpt-0000005" in out
     assert all(p in out for p in model_sample.PRETRAIN_PROMPTS + model_sample.SFT_PROMPTS)
+
+
+@pytest.mark.parametrize("flags, message", [(["--top_p", "0"], r"--top_p=0.0: must be in \(0, 1\]"),
+                                            (["--temperature", "-1"], "--temperature=-1.0")])
+def test_cli_sampling_flags_are_checked_in_one_line(ckpt, flags, message, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["model_sample.py", "--ckpt", str(ckpt), "--device", "cpu", *flags])
+    with pytest.raises(SystemExit, match=message) as e:
+        model_sample.main()
+    assert "\n" not in str(e.value)
