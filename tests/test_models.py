@@ -231,3 +231,27 @@ def test_generate_takes_a_tensor_of_prompts():
     assert model.generate(torch.tensor(prompts), 6, temperature=0) == model.generate(prompts, 6, temperature=0)
     with pytest.raises(ValueError, match=r"expected \[batch, tokens\]"):
         model.generate(torch.tensor([1, 2, 3]), 3)
+
+
+def test_the_captured_decoding_path_gives_the_eager_tokens(monkeypatch):
+    """On CUDA, decoding replays one captured step over a static cache (every step reads all
+    max_len slots). Here the capture is replaced by a plain call, so the rest of that path (static
+    shapes, the copy into the input buffer, refilling full rows) runs on the CPU."""
+    import generation
+
+    class Replayed(generation.DecodeStep):
+        def __init__(self, model, cache):
+            assert cache.static
+            self.model, self.cache = model, cache
+            self.tokens = torch.zeros_like(cache.lengths)
+
+        def __call__(self, tokens):
+            self.tokens.copy_(tokens)
+            return generation.decode_step(self.model, self.cache, self.tokens).clone()
+
+    monkeypatch.setattr(generation, "DecodeStep", Replayed)
+    model = tiny_k(max_seq_len=24)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [42]]
+    eager = model.generate(prompts, max_new_tokens=40, temperature=0, captured=False)  # past the context too
+    assert model.generate(prompts, max_new_tokens=40, temperature=0, captured=True) == eager
+    assert eager == [model.generate([p], max_new_tokens=40, temperature=0)[0] for p in prompts]
