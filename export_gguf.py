@@ -170,26 +170,31 @@ def write_gguf(model, tokenizer_dir, out, dtype="f16", name="K-Model") -> Path:
     return out
 
 
-def modelfile(gguf_file: str, context: int) -> str:
-    """An ollama Modelfile for gguf_file (a path relative to the Modelfile). TEMPLATE renders a chat
-    in Go template syntax exactly as our chat_template.jinja does: ChatML, and SYSTEM supplies the
-    default system prompt when a chat brings none. ollama passes system messages both as .System
-    and inside .Messages, hence the role test in the loop."""
-    return f'''FROM ./{gguf_file}
-TEMPLATE """{{{{ if .System }}}}<|im_start|>system
-{{{{ .System }}}}<|im_end|>
-{{{{ end }}}}{{{{ range .Messages }}}}{{{{ if ne .Role "system" }}}}<|im_start|>{{{{ .Role }}}}
-{{{{ .Content }}}}<|im_end|>
-{{{{ end }}}}{{{{ end }}}}<|im_start|>assistant
+# The ChatML turns of chat_template.jinja in ollama's Go template syntax. ollama passes a system
+# message both as .System and inside .Messages, hence the role test in the loop; the Modelfile's
+# SYSTEM stands in when a chat brings none, as the default system prompt does in our template.
+OLLAMA_TEMPLATE = """{{ if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{ range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}{{ end }}<|im_start|>assistant
 """
-SYSTEM """{DEFAULT_SYSTEM}"""
-PARAMETER stop "<|im_end|>"
-PARAMETER stop "</s>"
-PARAMETER num_ctx {context}
-PARAMETER temperature 0.7
-PARAMETER top_k 50
-PARAMETER repeat_penalty 1.1
-'''
+
+
+def modelfile(gguf_file: str, context: int) -> str:
+    """An ollama Modelfile for gguf_file (a path relative to the Modelfile) with our chat format,
+    stop tokens, context and sampling defaults (those of model_sample.py)."""
+    return "\n".join([
+        f"FROM ./{gguf_file}",
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
+        f'SYSTEM """{DEFAULT_SYSTEM}"""',
+        'PARAMETER stop "<|im_end|>"',
+        'PARAMETER stop "</s>"',
+        f"PARAMETER num_ctx {context}",
+        "PARAMETER temperature 0.7",
+        "PARAMETER top_k 50",
+        "PARAMETER repeat_penalty 1.1",
+    ]) + "\n"
 
 
 def main():

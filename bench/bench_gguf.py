@@ -7,21 +7,24 @@
 For f32, f16 and q8_0 weights the model is written by export_gguf.write_gguf and run in llama.cpp,
 with an f32 KV cache (the whole computation fp32 for f32 weights) and with llama.cpp's default f16 one:
   - file: the GGUF file's size
-  - tokenization: lines llama.cpp splits into exactly our tokenizer's ids (special tokens parsed),
-    over held-out text: news paragraphs of the embedded corpus that pretraining never sees, review
-    questions of the SFT test split, and hand-written edge cases (EDGE_CASES)
+  - tokenization, decoding: lines llama.cpp splits into exactly our tokenizer's ids (special tokens
+    parsed), and lines it turns back from our ids into exactly the line, over held-out text: news
+    paragraphs of the embedded corpus that pretraining never sees, review questions of the SFT test
+    split, and hand-written edge cases (EDGE_CASES)
   - greedy agreement: how many of the first --new_tokens greedy tokens after the prompt agree
     before the first difference (after one, the two texts go separate ways)
   - same top-1, max |logit diff|: on one sequence (the prompt and our greedy continuation), the
     share of positions where both pick the same next token, and the largest logit difference
   - tokens/s: greedy decoding of --new_tokens tokens, batch 1, with a KV cache, in llama.cpp (its
-    CPU kernels, 2 threads) and in ours (PyTorch fp32); best of 3. Both loops are driven from Python,
-    which dominates at the default tiny size.
+    CPU kernels, 2 threads) and in ours (PyTorch fp32), timed one after the other; best of 5. Both
+    loops are driven from Python, whose overhead dominates at the default tiny size.
 Without --ckpt the model is the tiny K-Model of tests/test_export.py (dim 64, 2 layers, vocab 6144)
 with decisive random weights (std 0.15), so greedy decoding is not all ties.
 """
 
 import argparse
+import ctypes
+import os
 import sys
 import tempfile
 import time
@@ -77,18 +80,35 @@ def load_llama(path, vocab_only=False, logits_all=True, context=512, kv_cache="f
                            n_threads=THREADS, logits_all=logits_all, type_k=kv_type, type_v=kv_type, verbose=False)
 
 
+def llama_text(llm, ids) -> bytes:
+    """llama.cpp's text of ids, piece by piece as llama-cli prints them, special tokens included.
+    Not Llama.detokenize: its 32-byte buffer drops longer pieces, and our vocabulary has an
+    11-character (33-byte) token."""
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_model_p(llm.model))
+    buffer, text = ctypes.create_string_buffer(256), b""
+    for i in ids:
+        n = llama_cpp.llama_token_to_piece(vocab, i, buffer, len(buffer), 0, True)
+        text += buffer.raw[:n]
+    return text
+
+
 def tokenization_agreement(path, tokenizer_dir, lines):
-    """(lines tokenized identically, lines, the first difference or None)."""
+    """(lines llama.cpp tokenizes into our ids, lines it turns back from our ids into the line
+    itself, number of lines, the first difference or None)."""
     ours = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    same, first_difference = 0, None
+    same_ids = same_text = 0
+    first_difference = None
     with closing(load_llama(path, vocab_only=True)) as llm:
         for line in lines:
             expected = ours.encode(line).ids
             got = llm.tokenize(line.encode("utf-8"), add_bos=False, special=True)
-            same += got == expected
-            if got != expected and first_difference is None:
-                first_difference = f"{line!r}: ours {expected}, llama.cpp {got}"
-    return same, len(lines), first_difference
+            text = llama_text(llm, expected)
+            same_ids += got == expected
+            same_text += text == line.encode("utf-8")
+            if (got != expected or text != line.encode("utf-8")) and first_difference is None:
+                first_difference = f"{line!r}: ours {expected}, llama.cpp {got}, decoded {text!r}"
+    return same_ids, same_text, len(lines), first_difference
 
 
 def prompt_ids(tokenizer_dir, text=PROMPT):
@@ -125,7 +145,7 @@ def compare(model, path, prompt, new_tokens, kv_cache="f32"):
             "same_top1": float((logits.argmax(-1) == our_logits.argmax(-1)).mean())}
 
 
-def best_tokens_per_s(decode, new_tokens, repeats=3):
+def best_tokens_per_s(decode, new_tokens, repeats=5):
     decode()  # warmup
     best = float("inf")
     for _ in range(repeats):
@@ -155,7 +175,8 @@ def print_sizes(tmp):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", default=None, help="a checkpoint or run dir; default: the random tiny K-Model")
-    parser.add_argument("--lines", type=int, default=300, help="held-out news paragraphs (plus a third as many reviews)")
+    parser.add_argument("--lines", type=int, default=300,
+                        help="held-out news paragraphs (plus a third as many reviews)")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--sizes", action="store_true", help="only the file size of every preset in every dtype")
     args = parser.parse_args()
@@ -173,21 +194,23 @@ def main():
     print(describe_machine())
     print(f"{name}: {model.num_params() / 1e6:.2f}M params, dim {model.config.dim}, {model.config.n_layers} layers; "
           f"{len(lines)} held-out lines; prompt {PROMPT!r} ({len(prompt)} tokens) + {args.new_tokens} greedy tokens; "
-          f"{THREADS} threads\n")
-    print("| weights | KV cache | file | tokenization | greedy agreement | same top-1 | max abs logit diff | "
-          "llama.cpp tokens/s | ours tokens/s (fp32) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    ours_speed = best_tokens_per_s(lambda: model.generate([prompt], max_new_tokens=args.new_tokens, temperature=0),
-                                   args.new_tokens)
+          f"{THREADS} threads; load average {os.getloadavg()[0]:.1f}\n")
+    print("| weights | KV cache | file | tokenization | decoding | greedy agreement | same top-1 | "
+          "max abs logit diff | llama.cpp tokens/s | ours tokens/s (fp32) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in FILE_TYPES:
         path = write_gguf(model, tokenizer_dir, tmp / f"model-{dtype}.gguf", dtype)
-        same_lines, total, first_difference = tokenization_agreement(path, tokenizer_dir, lines)
+        same_ids, same_text, total, first_difference = tokenization_agreement(path, tokenizer_dir, lines)
         for kv_cache in ("f32", "f16"):
             result = compare(model, path, prompt, args.new_tokens, kv_cache)
-            with closing(load_llama(path, logits_all=False, context=model.config.max_seq_len, kv_cache=kv_cache)) as llm:
+            context = model.config.max_seq_len
+            with closing(load_llama(path, logits_all=False, context=context, kv_cache=kv_cache)) as llm:
                 speed = best_tokens_per_s(lambda: llama_greedy(llm, prompt, args.new_tokens), args.new_tokens)
+            # ours timed right after llama.cpp, so both see the same load on a shared machine
+            ours_speed = best_tokens_per_s(
+                lambda: model.generate([prompt], max_new_tokens=args.new_tokens, temperature=0), args.new_tokens)
             print(f"| {dtype} | {kv_cache}{' (default)' if kv_cache == 'f16' else ''} | "
-                  f"{path.stat().st_size / 2**20:.2f} MiB | {same_lines}/{total} | "
+                  f"{path.stat().st_size / 2**20:.2f} MiB | {same_ids}/{total} | {same_text}/{total} | "
                   f"{result['same_greedy']}/{args.new_tokens} | {result['same_top1']:.1%} | "
                   f"{result['max_logit_diff']:.2e} | {speed:,.0f} | {ours_speed:,.0f} |")
         if first_difference:

@@ -5,6 +5,7 @@ llama.cpp itself: the same tokens as our tokenizer, logits within 1e-3 and the s
 import json
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import gguf
@@ -14,6 +15,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 
 import corpus
+import export_gguf
 from checkpoint import save_checkpoint
 from export_gguf import gguf_name, modelfile, write_gguf
 from export_hf import interleaved_to_halves
@@ -92,16 +94,15 @@ def test_other_tokenizers_are_refused(tmp_path):
         write_gguf(tiny(vocab_size=6144), tmp_path, tmp_path / "m.gguf")
 
 
-def run_export(*args):
-    return subprocess.run([sys.executable, str(REPO / "export_gguf.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+def run_main(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["export_gguf.py", *args])
+    export_gguf.main()
 
 
-def test_cli_writes_gguf_and_modelfile(tmp_path):
+def test_cli_writes_gguf_and_modelfile(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "run", tiny(vocab_size=6144, max_seq_len=128), 10, tokenizer_dir=TOKENIZER)
-    result = run_export("--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "gguf" / "model.gguf"),
-                        "--dtype", "q8_0")
-    assert result.returncode == 0, result.stderr
+    run_main(monkeypatch, "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "gguf" / "model.gguf"),
+             "--dtype", "q8_0")
     reader = GGUFReader(tmp_path / "gguf" / "model.gguf")
     assert value(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
     assert (tmp_path / "gguf" / "Modelfile").read_text(encoding="utf-8") == modelfile("model.gguf", 128)
@@ -119,15 +120,23 @@ def test_modelfile_is_chatml_with_our_system_prompt():
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER num_ctx 512" in text
 
 
-def test_cli_refuses_bad_input_in_one_line(tmp_path):
+def test_cli_refuses_bad_input_in_one_line(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "gpt2", GPT2(GPT2Config(d_model=32, n_layers=1, n_heads=2, vocab_size=6144)), 1)
-    cases = [(["--ckpt", str(tmp_path / "gpt2")], "GPT2 baseline"),
-             (["--ckpt", str(tmp_path / "nothing")], "no checkpoint here"),
+    out = ["--out", str(tmp_path / "m.gguf")]
+    cases = [(["--ckpt", str(tmp_path / "nothing")], "no checkpoint here"),
              (["--ckpt", str(tmp_path / "gpt2"), "--tokenizer", str(tmp_path)], "no tokenizer.json there")]
     for args, message in cases:
-        result = run_export(*args, "--out", str(tmp_path / "m.gguf"))
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(monkeypatch, *args, *out)
+        assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+    # the whole way, as a user sees it: exit status 1 and one line on stderr
+    result = subprocess.run([sys.executable, str(REPO / "export_gguf.py"), "--ckpt", str(tmp_path / "gpt2"), *out],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "export_gguf.py: only the K-Model exports to GGUF; the GPT2 baseline (post-LayerNorm, sinusoidal "
+        "positions, ReLU MLP) has no llama.cpp twin"]
+    assert not (tmp_path / "m.gguf").exists()
 
 
 # llama.cpp itself: skipped unless llama-cpp-python is installed (pip install -r requirements-llama.txt)
@@ -138,11 +147,40 @@ def llama_cpp():
                                "pip install -r requirements-llama.txt")
 
 
-def test_llama_cpp_tokenizes_like_us(llama_cpp, tmp_path):
-    lines = bench_gguf.held_out_lines(tmp_path / "data", 300)
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """300 news paragraphs never trained on, 100 review questions, the hand-written edge cases."""
+    return bench_gguf.held_out_lines(tmp_path_factory.mktemp("data"), 300)
+
+
+def test_llama_cpp_tokenizes_and_decodes_like_us(llama_cpp, held_out, tmp_path):
     path = write_gguf(tiny(vocab_size=6144), TOKENIZER, tmp_path / "m.gguf", "f32")
-    same, total, first_difference = bench_gguf.tokenization_agreement(path, TOKENIZER, lines)
-    assert same == total == len(lines) and total > 300, first_difference
+    same_ids, same_text, total, first_difference = bench_gguf.tokenization_agreement(path, TOKENIZER, held_out)
+    assert same_ids == same_text == total == len(held_out) > 400, first_difference
+
+
+def test_llama_cpp_tokenizes_differently_with_another_pre_tokenizer(llama_cpp, held_out, tmp_path, monkeypatch):
+    """The comparison above can fail: declared as Llama 3's pre-tokenizer (which glues punctuation
+    to the word after it and splits digits in threes), the same vocabulary tokenizes otherwise."""
+    add_pre = gguf.GGUFWriter.add_tokenizer_pre
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tokenizer_pre", lambda writer, _: add_pre(writer, "llama-bpe"))
+    path = write_gguf(tiny(vocab_size=6144), TOKENIZER, tmp_path / "m.gguf", "f32")
+    same_ids, _, total, _ = bench_gguf.tokenization_agreement(path, TOKENIZER, held_out)
+    assert same_ids < total
+
+
+def test_llama_cpp_formats_a_chat_like_us(llama_cpp, tmp_path):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import PreTrainedTokenizerFast
+    path = write_gguf(tiny(vocab_size=6144), TOKENIZER, tmp_path / "m.gguf", "f32")
+    with closing(bench_gguf.load_llama(path, vocab_only=True)) as llm:
+        template = llm.metadata["tokenizer.chat_template"]
+    chat = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+            {"role": "user", "content": "1+1=?"}]
+    theirs = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")(messages=chat).prompt
+    ours = PreTrainedTokenizerFast.from_pretrained(TOKENIZER).apply_chat_template(chat, tokenize=False,
+                                                                                  add_generation_prompt=True)
+    assert theirs == ours and ours.startswith(f"<|im_start|>system\n{corpus.DEFAULT_SYSTEM}<|im_end|>\n")
 
 
 def test_llama_cpp_matches_our_logits_and_greedy_text(llama_cpp, tmp_path):
