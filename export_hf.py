@@ -23,8 +23,9 @@ convert_llama_weights_to_hf.py; the import applies its inverse.
 The output directory (config.json, model.safetensors, generation_config.json, tokenizer with its
 chat template) loads with no custom code: AutoModelForCausalLM.from_pretrained(dir),
 AutoTokenizer.from_pretrained(dir), pipeline("text-generation", model=dir). It is a standard Llama
-model for llama.cpp's convert_hf_to_gguf.py too (architectures, model_type, tensor names); being a
-new byte-level BPE, our tokenizer's pre-tokenizer hash must be registered there once.
+model for llama.cpp's convert_hf_to_gguf.py too (architectures, model_type, tensor names), but that
+converter does not know our new tokenizer's pre-tokenizer hash: for llama.cpp and ollama use
+export_gguf.py, which writes the GGUF file directly.
 The GPT2-style baseline (post-LayerNorm, sinusoidal positions, ReLU MLP) has no transformers twin
 and is refused.
 """
