@@ -341,8 +341,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         indices = self._indices()
-        for i in range(0, len(indices), self.CHUNK):
-            yield from indices[i:i + self.CHUNK].tolist()  # Python ints: i * seq_len must not wrap at 2**31
+        # Python ints (i * seq_len must not wrap at 2**31), one chunk at a time; chain walks each
+        # chunk at C speed, where a generator yielding them one by one costs half the epoch's time
+        chunks = (indices[i:i + self.CHUNK].tolist() for i in range(0, len(indices), self.CHUNK))
+        return itertools.chain.from_iterable(chunks)
 
     def __len__(self):
         return len(range(self.start + self.rank, self.num_samples, self.world_size))
