@@ -36,11 +36,12 @@ import os
 import shutil
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 
 import corpus
 from runtime import local_rank_zero_first
@@ -103,7 +104,8 @@ class TokenStore:
     def _open(self):
         dtype = np.dtype(self.meta["dtype"])
         self.tokens = np.memmap(self.dir / "tokens.bin", dtype=dtype, mode="r")
-        self.offsets = np.fromfile(self.dir / "offsets.bin", dtype=np.int64)
+        # mapped too: ~200 MB for seq-monkey's ~27M chunks, of which pretraining needs only the count
+        self.offsets = np.memmap(self.dir / "offsets.bin", dtype=np.int64, mode="r")
         self.mask = self.first_trained = None
         if self.kind == "sft":
             self.mask = np.memmap(self.dir / "mask.bin", dtype=np.uint8, mode="r")
@@ -133,36 +135,72 @@ def _fingerprint(path, tokenizer_path, kind):
             "tokenizer_sha1": hashlib.sha1(tokenizer_path.read_bytes()).hexdigest()}
 
 
-def _encoded_batches(path, tokenizer, tokenizer_dir, kind, stats):
-    """Yield (token-id lists, mask arrays or None) for every BATCH_RECORDS records of the file."""
+def _encoded_batches(path, tokenizer, tokenizer_dir, kind, dtype, stats):
+    """Yield (tokens, lengths, mask or None) for every BATCH_RECORDS records of the file: the batch's
+    token ids as one flat array of `dtype`, each document's token count, and for SFT the mask."""
     if kind == "pretrain":
         records = corpus.iter_pretrain_texts(path, stats, progress=True)
-        encode = functools.partial(_encode_texts, tokenizer=tokenizer,
-                                   bos=tokenizer.token_to_id("<s>"), eos=tokenizer.token_to_id("</s>"))
+        # <s> text </s> added by the tokenizer itself (in Rust), not by a Python pass over every token
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[(t, tokenizer.token_to_id(t)) for t in ("<s>", "</s>")])
+        encode = functools.partial(_encode_texts, tokenizer=tokenizer, dtype=dtype)
     else:
         template = load_chat_template(tokenizer_dir)
         records = (render_with_spans(template, messages) for messages in corpus.iter_conversations(path, stats, True))
-        encode = functools.partial(_encode_conversations, tokenizer=tokenizer)
-    while batch := list(itertools.islice(records, BATCH_RECORDS)):
+        encode = functools.partial(_encode_conversations, tokenizer=tokenizer, dtype=dtype)
+    for batch in _read_ahead(records):
         yield encode(batch)
 
 
-def _encode_texts(texts, tokenizer, bos, eos):
+def _read_ahead(records):
+    """Lists of BATCH_RECORDS records, the next one read (and, for SFT, rendered) in a thread while
+    the caller encodes this one: parsing JSON holds the GIL but encode_batch releases it, so the
+    next batch is parsed while this one is encoded, not after it."""
+    def read():
+        return list(itertools.islice(records, BATCH_RECORDS))
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        next_batch = reader.submit(read)
+        while batch := next_batch.result():  # re-raises a reading error (bad file) here
+            next_batch = reader.submit(read)
+            yield batch
+
+
+def _concatenated_ids(encodings, dtype):
+    """(all token ids of a batch of encodings as one flat array, each encoding's length)."""
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def _encode_texts(texts, tokenizer, dtype):
     # encode_batch_fast: all cores, and no character offsets computed (pretraining needs none)
-    return [[bos, *e.ids, eos] for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)], None
+    return *_concatenated_ids(tokenizer.encode_batch_fast(texts), dtype), None
 
 
-def _encode_conversations(rendered, tokenizer):
-    encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    ids, masks = [], []
-    for encoding, (_, spans) in zip(encodings, rendered):
-        starts = np.fromiter((start for start, _ in encoding.offsets), dtype=np.int64, count=len(encoding.ids))
-        mask = np.zeros(len(starts), dtype=np.uint8)
-        for a, b in spans:
-            mask[(starts >= a) & (starts < b)] = 1
-        ids.append(encoding.ids)
-        masks.append(mask)
-    return ids, masks
+def _encode_conversations(rendered, tokenizer, dtype):
+    texts = [text for text, _ in rendered]
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    tokens, lengths = _concatenated_ids(encodings, dtype)
+    # Positions are counted in the batch's texts laid end to end, so the reply spans of all its
+    # conversations form one sorted list of boundaries [a0, b0, a1, b1, ...]. A token whose first
+    # character is at s lies in a span [a, b) exactly when an odd number of boundaries are <= s.
+    text_starts = np.cumsum([0, *map(len, texts[:-1])])
+    offsets = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encodings)),
+                          dtype=np.int64, count=2 * len(tokens))
+    starts = offsets[::2] + np.repeat(text_starts, lengths)
+    bounds = np.fromiter((base + x for base, (_, spans) in zip(text_starts.tolist(), rendered)
+                          for span in spans for x in span), dtype=np.int64)
+    mask = (np.searchsorted(bounds, starts, side="right") % 2).astype(np.uint8)
+    return tokens, lengths, mask
+
+
+def _first_trained(mask, lengths):
+    """Each document's first trained position (0 when it has none, as argmax gives)."""
+    doc_starts = np.cumsum(lengths) - lengths
+    trained = np.append(np.flatnonzero(mask), len(mask))  # the sentinel: no trained token after the start
+    first = trained[np.searchsorted(trained, doc_starts)]
+    return np.where(first < doc_starts + lengths, first - doc_starts, 0).astype(np.int32)
 
 
 def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore:
@@ -196,14 +234,13 @@ def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore
         with open(tmp / "tokens.bin", "wb") as tokens_file, open(tmp / "offsets.bin", "wb") as offsets_file, \
                 open(tmp / "mask.bin", "wb") as mask_file, open(tmp / "first_trained.bin", "wb") as first_file:
             np.zeros(1, dtype=np.int64).tofile(offsets_file)
-            for ids, masks in _encoded_batches(path, tokenizer, tokenizer_dir, kind, stats):
-                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                np.fromiter((t for doc in ids for t in doc), dtype=dtype, count=int(lengths.sum())).tofile(tokens_file)
+            for tokens, lengths, mask in _encoded_batches(path, tokenizer, tokenizer_dir, kind, dtype, stats):
+                tokens.tofile(tokens_file)
                 (n_tokens + np.cumsum(lengths)).tofile(offsets_file)
-                if masks is not None:
-                    np.concatenate(masks).tofile(mask_file)
-                    np.array([m.argmax() for m in masks], dtype=np.int32).tofile(first_file)
-                n_tokens, n_docs = n_tokens + int(lengths.sum()), n_docs + len(ids)
+                if mask is not None:
+                    mask.tofile(mask_file)
+                    _first_trained(mask, lengths).tofile(first_file)
+                n_tokens, n_docs = n_tokens + len(tokens), n_docs + len(lengths)
         if kind == "pretrain":
             (tmp / "mask.bin").unlink()
             (tmp / "first_trained.bin").unlink()
@@ -285,18 +322,30 @@ class EpochSampler(torch.utils.data.Sampler):
     """The sample order of one epoch: a permutation fixed by (seed, epoch), read from global
     position `start` on, dealt round-robin to the ranks. The first global batch of B samples is
     permutation[start:start + B] whatever the number of ranks, and a resumed run passes the
-    position it had reached, so it sees exactly the samples it had not yet seen."""
+    position it had reached, so it sees exactly the samples it had not yet seen.
+
+    The permutation stays a numpy array (int32: 80 MB for 20M windows, where a list of Python ints
+    took ~700 MB) and is handed out a chunk at a time, as the DataLoader asks for indices."""
+
+    CHUNK = 1 << 16  # indices turned into Python ints at a time
 
     def __init__(self, num_samples, seed, epoch=0, start=0, rank=0, world_size=1):
         self.num_samples, self.seed, self.epoch = num_samples, seed, epoch
         self.start, self.rank, self.world_size = start, rank, world_size
 
     def _indices(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        # shuffling an arange in place draws the same numbers as permutation(n), so the order (and
+        # with it every resumed run) is what it was when this made an int64 permutation
+        order = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 1 << 31 else np.int64)
+        np.random.default_rng([self.seed, self.epoch]).shuffle(order)
         return order[self.start + self.rank::self.world_size]
 
     def __iter__(self):
-        return iter(self._indices().tolist())
+        indices = self._indices()
+        # Python ints (i * seq_len must not wrap at 2**31), one chunk at a time; chain walks each
+        # chunk at C speed, where a generator yielding them one by one costs half the epoch's time
+        chunks = (indices[i:i + self.CHUNK].tolist() for i in range(0, len(indices), self.CHUNK))
+        return itertools.chain.from_iterable(chunks)
 
     def __len__(self):
         return len(range(self.start + self.rank, self.num_samples, self.world_size))

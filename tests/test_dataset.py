@@ -3,6 +3,7 @@
 import json
 import pickle
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 import corpus
+import dataset
 from dataset import (EpochSampler, PretrainDataset, SFTDataset, build_store, collate_batch, load_chat_template,
                      render_with_spans, show_sample)
 
@@ -159,8 +161,71 @@ def test_sampler_resumes_at_any_position_and_shards_global_batches():
     first_global_batch = sorted(i for shard in shards for i in shard[:batch])
     assert first_global_batch == sorted(full[100:100 + world * batch])
 
+
+@pytest.mark.parametrize("num_samples, seed, epoch, start, rank, world_size", [
+    (1, 0, 0, 0, 0, 1), (1000, 7, 0, 0, 0, 1), (100_003, 3, 2, 371, 1, 4), (300_000, 42, 5, 65_537, 1, 2)])
+def test_sampler_order_is_unchanged(num_samples, seed, epoch, start, rank, world_size):
+    # the order the sampler has always produced: a resumed run must see the samples it had not seen
+    reference = np.random.default_rng([seed, epoch]).permutation(num_samples)[start + rank::world_size]
+    order = list(EpochSampler(num_samples, seed, epoch, start, rank, world_size))
+    assert order == reference.tolist() and all(type(i) is int for i in order[:10])
+
+
+def test_sampler_hands_out_indices_lazily():
+    n = 2_000_000
+    tracemalloc.start()
+    try:
+        first = next(iter(EpochSampler(n, seed=1)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first == int(np.random.default_rng([1, 0]).permutation(n)[0])
+    # the int32 permutation (8 MB) and one chunk of ints, not a list of the epoch (~70 MB)
+    assert peak < 4 * n + 8 * 1024 * 1024
+
 # -----------------------------------------------------------------------------
 # the store: cached, rebuilt on change, memory-mapped, bad input
+
+
+def encoded_one_by_one(path, kind):
+    """The store's contents computed the plain way, one document and one token at a time."""
+    tokens, lengths, masks = [], [], []
+    if kind == "pretrain":
+        bos, eos = TOKENIZER.token_to_id("<s>"), TOKENIZER.token_to_id("</s>")
+        for text in corpus.iter_pretrain_texts(path):
+            ids = [bos, *TOKENIZER.encode(text, add_special_tokens=False).ids, eos]
+            tokens += ids
+            lengths.append(len(ids))
+    else:
+        template = load_chat_template(TOKENIZER_DIR)
+        for messages in corpus.iter_conversations(path):
+            text, spans = render_with_spans(template, messages)
+            encoding = TOKENIZER.encode(text, add_special_tokens=False)
+            tokens += encoding.ids
+            lengths.append(len(encoding.ids))
+            masks.append([int(any(a <= start < b for a, b in spans)) for start, _ in encoding.offsets])
+    return tokens, lengths, masks
+
+
+@pytest.mark.parametrize("fixture, kind", [("pretrain_jsonl", "pretrain"), ("belle_jsonl", "sft"),
+                                           ("chatterbot_jsonl", "sft")])
+def test_store_equals_encoding_each_document_alone(request, tmp_path, monkeypatch, fixture, kind):
+    path = request.getfixturevalue(fixture)
+    monkeypatch.setattr(dataset, "BATCH_RECORDS", 97)  # several batches, the last one short
+    store = build_store(path, TOKENIZER_DIR, kind, tmp_path)
+    tokens, lengths, masks = encoded_one_by_one(path, kind)
+    assert store.tokens.tolist() == tokens
+    assert store.offsets.tolist() == np.cumsum([0, *lengths]).tolist()
+    assert isinstance(store.offsets, np.memmap)
+    if kind == "sft":
+        assert store.mask.tolist() == [flag for mask in masks for flag in mask]
+        assert store.first_trained.tolist() == [mask.index(1) for mask in masks]
+
+
+def test_first_trained_position_of_each_document():
+    mask = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 1], dtype=np.uint8)
+    lengths = np.array([4, 2, 2, 3])  # the second document has no trained token: 0, as argmax gives
+    assert dataset._first_trained(mask, lengths).tolist() == [2, 0, 1, 2]
 
 
 def test_store_is_reused_and_rebuilt_when_data_or_tokenizer_change(tmp_path, capsys, pretrain_jsonl):
@@ -193,6 +258,7 @@ def test_store_is_reused_and_rebuilt_when_data_or_tokenizer_change(tmp_path, cap
 def test_store_is_compact_and_pickles_without_its_tokens(cache, belle_jsonl):
     store = build_store(belle_jsonl, TOKENIZER_DIR, "sft", cache)
     assert store.tokens.dtype == np.uint16 and isinstance(store.tokens, np.memmap)
+    assert isinstance(store.offsets, np.memmap) and isinstance(store.mask, np.memmap)
     assert (store.dir / "tokens.bin").stat().st_size == 2 * len(store.tokens)
     blob = pickle.dumps(store)  # what a spawned DataLoader worker receives
     assert len(blob) < 2000

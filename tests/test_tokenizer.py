@@ -106,3 +106,24 @@ def test_cli_small_corpus_and_bad_flags(tmp_path, monkeypatch, capsys, pretrain_
     monkeypatch.setattr(sys, "argv", argv + ["--data_path", fixture, "--vocab_size", "100"])
     with pytest.raises(SystemExit, match="--vocab_size 100: must be at least 261"):
         train_tokenizer.main()
+
+
+def test_training_reads_only_up_to_the_cap(tmp_path, monkeypatch, capsys, pretrain_jsonl):
+    # 30 documents of 10 characters, then lines that fail the whole read if they are ever reached
+    path = tmp_path / "capped.jsonl"
+    good = [json.dumps({"text": f"第{i:02d}篇文章的正文。"}, ensure_ascii=False) for i in range(30)]
+    path.write_text("\n".join(good + ["{not json"] * 100) + "\n", encoding="utf-8")
+    texts = list(train_tokenizer.training_texts(path, max_chars=95))
+    assert texts == [json.loads(line)["text"] for line in good[:10]]  # stops at the document that reaches 95
+    with pytest.raises(ValueError, match="capped.jsonl: 31 of the first 61 records are unusable"):
+        list(train_tokenizer.training_texts(path, max_chars=0))  # 0: the whole file
+
+    # without --max_chars the default cap applies, and the printed config says so
+    monkeypatch.setattr(train_tokenizer, "DEFAULT_MAX_CHARS", 200)
+    monkeypatch.setattr(sys, "argv", ["train_tokenizer.py", "--data_path", str(path), "--val_path", str(pretrain_jsonl),
+                                      "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300"])
+    train_tokenizer.main()
+    assert f"on {path} (first 200 characters)" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--max_chars", "0"])
+    with pytest.raises(SystemExit, match="capped.jsonl: 31 of the first 61 records are unusable"):
+        train_tokenizer.main()
