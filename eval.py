@@ -56,6 +56,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import corpus
 from model_sample import DTYPES, TextGenerator
+from trainer import OneLineParser
 
 CHOICES = ("A", "B", "C", "D")
 CEVAL_HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
@@ -314,8 +315,8 @@ def print_mcq(results, shots):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0].strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="our checkpoint: a ckpt dir, a run dir (its newest ckpt-*) or a weights file")
     model.add_argument("--hf", help="a local transformers causal LM directory (an export_hf.py export, Qwen, ...)")
@@ -340,9 +341,12 @@ def main(argv=None):
         lm = (load_hf(args.hf, args.device, args.dtype, args.context) if args.hf else
               load_ours(args.ckpt, args.tokenizer, args.device, args.dtype, args.context))
         params = sum(p.numel() for p in lm.model.parameters())
-        print(f"model    {lm.name}, {params / 1e6:.2f}M parameters, {lm.device} {args.dtype}\n"
-              f"tokenizer {len(lm.tokenizer)} tokens, each text scored as "
-              f"{lm.tokenizer.convert_ids_to_tokens(lm.start_id)} + text in windows of <= {lm.context} tokens")
+        tasks = [f"bits per character of {len(args.bpc)} file(s)"] * bool(args.bpc) + [
+            f"multiple choice in {args.mcq}, {args.shots}-shot"] * bool(args.mcq)
+        print(f"model      {lm.name}, {params / 1e6:.2f}M parameters, {lm.device} {args.dtype}\n"
+              f"tokenizer  {len(lm.tokenizer)} tokens; each text scored as "
+              f"{lm.tokenizer.convert_ids_to_tokens(lm.start_id)} + text, <= {lm.context} tokens a window\n"
+              f"evaluating {' and '.join(tasks)}, batch size {args.batch_size}")
         if args.bpc:
             print(f"\n{'file':40s} {'texts':>7s} {'characters':>11s} {'tokens':>10s} {'chars/token':>11s} "
                   f"{'bits/token':>10s} {'BPC':>7s}")
