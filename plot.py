@@ -9,9 +9,10 @@ Each run directory holds the metrics.jsonl that trainer.py writes: training reco
 "val_loss", "val_bpc", "sentiment_acc", ...}. Everything is drawn against the tokens trained on so
 far; an evaluation record has no token count of its own, so it gets the one of its step, read off
 the training records (linearly between two of them when the step was not logged). Panels: training
-loss (solid) with validation loss (dashed), then validation BPC, learning rate, tokens/s and every
-other evaluation metric, each only if some run has it. Runs are overlaid, one colour each, labelled
-with the path given; an SFT run counts its tokens from 0 again.
+loss with validation loss, then validation BPC, learning rate, tokens/s and every
+other evaluation metric, each only if some run has it; training records are drawn as solid lines,
+the few evaluations as dots on dashed lines. Runs are overlaid, one colour each, labelled with the
+path given; an SFT run counts its tokens from 0 again.
 """
 
 import argparse
@@ -60,15 +61,15 @@ def tokens_at(steps, train) -> np.ndarray:
 
 
 def series(run_dir) -> dict:
-    """metric -> (tokens, values) of one run; validation loss under "val_loss" like the others."""
+    """metric -> (tokens, values, style) of one run: a line for training records, dots on a dashed
+    line for the few evaluations."""
     train, evals = read_metrics(run_dir)
     out = {}
-    for key in sorted({k for r in train for k in r} - NOT_PLOTTED):
-        rows = [r for r in train if isinstance(r.get(key), (int, float))]
-        out[key] = (np.array([r["tokens"] for r in rows]), np.array([r[key] for r in rows], dtype=float))
-    for key in sorted({k for r in evals for k in r} - NOT_PLOTTED):
-        rows = [r for r in evals if isinstance(r.get(key), (int, float))]
-        out[key] = (tokens_at([r["step"] for r in rows], train), np.array([r[key] for r in rows], dtype=float))
+    for records, style in ((train, {}), (evals, {"linestyle": "--", "marker": "o", "markersize": 3})):
+        for key in sorted({k for r in records for k in r} - NOT_PLOTTED):
+            rows = [r for r in records if isinstance(r.get(key), (int, float))]
+            tokens = [r["tokens"] for r in rows] if records is train else tokens_at([r["step"] for r in rows], train)
+            out[key] = (np.asarray(tokens), np.array([r[key] for r in rows], dtype=float), style)
     return out
 
 
@@ -86,10 +87,11 @@ def draw(run_dirs) -> Figure:
     for ax, panel in zip(axes, panels):
         for (label, s), colour in zip(runs.items(), colours):
             if panel in s:
-                ax.plot(*s[panel], color=colour, label=label, marker="." if len(s[panel][0]) < 3 else None)
+                tokens, values, style = s[panel]
+                ax.plot(tokens, values, color=colour, label=label, **style)
             if panel == "loss" and "val_loss" in s:
-                ax.plot(*s["val_loss"], color=colour, linestyle="--", marker="o", markersize=3,
-                        label=f"{label} (validation)")
+                tokens, values, style = s["val_loss"]
+                ax.plot(tokens, values, color=colour, label=f"{label} (validation)", **style)
         ax.set_title(PANELS.get(panel, panel), fontsize=10)
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.set_xlabel("tokens", fontsize=9)
