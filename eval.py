@@ -309,6 +309,9 @@ def print_mcq(results, shots):
     print(f"{'overall':{width}s}  {items:5d}  {100 * correct / items:7.1f}%")
     print(f"{'mean over subjects':{width}s}  {len(results):5d}  "
           f"{100 * sum(r['accuracy'] for r in results) / len(results):7.1f}%")
+    # a model that always picks one letter scores that letter's share of the answers
+    given = [p for r in results for p in r["predictions"]]
+    print("letters picked: " + ", ".join(f"{c} {given.count(c)}" for c in CHOICES))
 
 # -----------------------------------------------------------------------------
 # command line

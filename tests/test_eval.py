@@ -156,6 +156,7 @@ def test_accuracy_counts_per_subject_and_few_shot_files(ours_and_export, capsys)
     ev.print_mcq(results, 5)
     out = capsys.readouterr().out
     assert "chance 25.0%" in out and "overall                 8     25.0%" in out
+    assert "letters picked: A 0, B 8, C 0, D 0" in out
 
 
 def test_few_shot_examples_dropped_then_prompt_cut_to_fit(ours_and_export):
