@@ -35,8 +35,10 @@ both read. The prompt is C-Eval's:
     A. ...  (and B, C, D)
     答案：
 
-and the model's answer is the letter whose token is most likely next (one forward pass per question;
-the log-probabilities over the whole vocabulary are reported, not just the four). --shots k takes the
+and the model's answer is the letter most likely to come next: one forward pass per question, the
+log-softmax over the whole vocabulary at the last position, read at the token each letter becomes
+right after 答案： (normalised over the vocabulary, as lm-evaluation-harness's log-likelihoods are,
+not over the four letters; the choice is the same either way). --shots k takes the
 first k questions of the subject's file in DIR/dev/ or, as the C-Eval and CMMLU releases are laid
 out, in a dev/ folder beside DIR. A prompt longer than the context loses few-shot examples first,
 then is cut to its last tokens; the output counts both.
