@@ -1,7 +1,8 @@
 """serve.py: the OpenAI API shapes (chat, streaming, completions, models), greedy answers identical
 to model.generate one prompt at a time, also for requests decoded together, seeds, stop strings,
 the exported transformers directory, and bad input: malformed or mistyped bodies, too long
-prompts, API keys, a full queue, a client that leaves, a failing decoding step."""
+prompts, API keys, a full queue, a client that leaves, a failing decoding step; and the chat page
+in a real headless browser (Debian's chromium, driven by playwright)."""
 
 import http.client
 import json
@@ -26,6 +27,7 @@ from model_sample import encode_chat
 from serve import Scheduler, create_app, load_for_serving
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; playwright's own browser download cannot run here
 CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6144, max_seq_len=128)
 KEY = "test-key"
 CHAT_STOP, DOC_STOP = (4, 2), (2,)  # <|im_end|>, </s>
@@ -384,3 +386,83 @@ def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="missing: no checkpoint here") as e:
         serve.main()
     assert "\n" not in str(e.value)
+
+
+@contextmanager
+def slowed(scheduler, seconds):
+    """Each decoding step takes at least `seconds`: tokens arrive in the browser one by one."""
+    step = scheduler.step
+
+    def slow_step(tokens):
+        time.sleep(seconds)
+        return step(tokens)
+    scheduler.step = slow_step
+    try:
+        yield
+    finally:
+        scheduler.step = step
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: `apt-get install chromium` (.ci/run does)")
+def test_chat_page_in_a_real_browser(served, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
+    with running(*served, api_key=None, max_batch=4) as s, sync_api.sync_playwright() as p:
+        base = f"http://127.0.0.1:{s.port}"
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        # bypass_csp: playwright evaluates its waiting conditions as strings, which the policy forbids
+        page = browser.new_page(viewport={"width": 800, "height": 640}, bypass_csp=True)
+        page.set_default_timeout(20_000)
+        elsewhere = []  # the page must work offline: anything not asked of this server is refused
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base)
+                   else (elsewhere.append(route.request.url), route.abort()))
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+        page.click("summary")  # open the settings
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "24")
+        # count each change of a reply's text as it happens
+        page.evaluate("""window.updates = 0; new MutationObserver((records) => {
+            for (const r of records) if (r.target.classList && r.target.classList.contains('assistant')) window.updates++;
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true});""")
+
+        def say(text, replies):
+            page.fill("#input", text)
+            page.press("#input", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('.assistant').length === {replies} && "
+                                   "!document.querySelector('.streaming')")
+            return page.locator(".assistant").nth(replies - 1).text_content()
+
+        system = [{"role": "system", "content": DEFAULT_SYSTEM}]
+        with slowed(s.scheduler, 0.02):
+            first = say("你好", 1)
+        assert first and first == expected(s, encode_chat(s.tokenizer, chat("你好")), 24, CHAT_STOP, temperature=0)[0]
+        assert page.evaluate("window.updates") > 1  # streamed in, not all at once
+        second = say("再说一遍", 2)
+        # the second turn sent the first: system, user, assistant, user
+        history = system + [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first},
+                            {"role": "user", "content": "再说一遍"}]
+        assert s.submitted[-1].prompt == encode_chat(s.tokenizer, history)
+        assert second == expected(s, encode_chat(s.tokenizer, history), 24, CHAT_STOP, temperature=0)[0]
+        page.screenshot(path=tmp_path / "chat.png")
+        assert (tmp_path / "chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # the stop button ends the reply in the browser and frees its row on the server
+        page.fill("#max_tokens", "100")
+        with gated(s.scheduler) as gate:
+            page.fill("#input", "讲个长故事")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelectorAll('.assistant').length === 3")
+            generation = s.submitted[-1]
+            assert page.is_disabled("#send") and page.is_enabled("#stop")
+            page.click("#stop")
+            page.wait_for_function("!document.querySelector('.streaming')")
+            wait_until(lambda: generation.cancelled)
+            gate.open()
+            wait_until(lambda: s.scheduler.n_busy == 0)
+        assert generation.finish_reason == "cancelled" and len(generation.tokens) < 100
+        assert "[stopped]" in page.locator(".assistant").nth(2).text_content()
+        assert page.is_enabled("#send") and page.is_disabled("#stop")
+        browser.close()
+    assert elsewhere == []
