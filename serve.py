@@ -172,7 +172,9 @@ class Scheduler:
         captured = self.device.type == "cuda" if captured is None else captured
         with torch.inference_mode():
             self.cache = model.new_cache(max_batch, static=captured)
-            self.step = DecodeStep(model, self.cache) if captured else partial(decode_step, model, self.cache)
+            # one captured step per batch size 1, 2, 4, ... max_batch, each over the first rows
+            sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+            self.captured = {n: DecodeStep(model, self.cache.rows(0, n)) for n in sizes} if captured else None
             self.logits = torch.zeros(max_batch, model.config.vocab_size, device=self.device)
             self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.slots = [None] * max_batch  # the Generation decoded in each cache row
@@ -221,8 +223,7 @@ class Scheduler:
                         self.n_busy += 1
                         joining.append(b)
             try:
-                for b in joining:
-                    self._fill_row(b, self.slots[b].prompt)
+                self._fill_rows(joining, [self.slots[b].prompt for b in joining])
                 self._step()
             except Exception:  # the server lives on: fail what was in flight, log the cause here only
                 traceback.print_exc()
@@ -230,20 +231,36 @@ class Scheduler:
                     if g is not None:
                         self._free(b, "error")
 
-    def _fill_row(self, b, ids):
-        """Prefill row b with ids (a new prompt, or the tail of a row whose context is full)."""
-        row = self.cache.row(b)
-        row.lengths.zero_()
-        self.logits[b] = prefill(self.model, row, [ids])[0]
-        self.seen[b] = False
-        self.seen[b, ids] = True
+    def _fill_rows(self, rows, prompts):
+        """Prefill each of rows (ascending) with its prompt (a new request's, or the tail of a row
+        whose context is full). Adjacent rows go through the model as one right-padded batch."""
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                first, last = rows[start], rows[i - 1] + 1
+                view = self.cache.rows(first, last)
+                view.lengths.zero_()
+                self.logits[first:last] = prefill(self.model, view, prompts[start:i])
+                start = i
+        for b, ids in zip(rows, prompts):
+            self.seen[b] = False
+            self.seen[b, ids] = True
 
     def _free(self, b, reason):
         g = self.slots[b]
+        self.cache.lengths[b] = 0  # a free row's stale length would widen every step's attention span
         with self.lock:
             self.slots[b] = None
             self.n_busy -= 1
         g.finish(reason)
+
+    def step(self, tokens, n):
+        """Logits [n, V] of one decoding step over the first n rows (the ones in use: a request
+        takes the lowest free row, so few requests make a small batch)."""
+        if self.captured is None:
+            return decode_step(self.model, self.cache.rows(0, n), tokens[:n])
+        size = min(size for size in self.captured if size >= n)
+        return self.captured[size](tokens[:size])[:n]
 
     def _step(self):
         for b, g in enumerate(self.slots):
@@ -264,15 +281,14 @@ class Scheduler:
             return
         lengths = self.cache.lengths.tolist()
         full = [b for b in going if lengths[b] == self.max_len]
-        advance = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        advance[torch.tensor([b for b in going if lengths[b] < self.max_len], dtype=torch.long)] = 1
-        # every row runs (free ones on token 0, writing slots that a later prefill overwrites);
-        # only the rows still decoding move on
-        self.logits = self.step(tokens)
-        self.cache.advance(advance)
-        for b in full:
-            g = self.slots[b]
-            self._fill_row(b, (g.prompt + g.tokens)[-(self.max_len // 2):])
+        advance = torch.zeros(self.max_batch, dtype=torch.long)
+        advance[[b for b in going if lengths[b] < self.max_len]] = 1
+        # the rows up to the last one in use run (a free one among them on token 0, writing a slot
+        # that its next prefill overwrites); only the rows still decoding move on
+        n = going[-1] + 1
+        self.logits[:n] = self.step(tokens, n)
+        self.cache.advance(advance.to(self.device))
+        self._fill_rows(full, [(self.slots[b].prompt + self.slots[b].tokens)[-(self.max_len // 2):] for b in full])
 
     def _sample(self, busy):
         """One token per row [max_batch] (0 in free rows): greedy rows by one argmax, the others row

@@ -6,6 +6,7 @@ in a real headless browser (Debian's chromium, driven by playwright)."""
 
 import http.client
 import json
+import os
 import sys
 import threading
 import time
@@ -84,10 +85,10 @@ def gated(scheduler):
     rows each step decoded."""
     gate, step, busy = threading.Event(), scheduler.step, []
 
-    def held_step(tokens):
+    def held_step(*args):
         busy.append(scheduler.n_busy)
         gate.wait()
-        return step(tokens)
+        return step(*args)
     scheduler.step = held_step
     try:
         yield SimpleNamespace(open=gate.set, busy=busy)
@@ -353,7 +354,7 @@ def test_client_that_leaves_frees_its_row(served):
 def test_failing_step_fails_the_request_not_the_server(server, capsys):
     step = server.scheduler.step
 
-    def broken(tokens):
+    def broken(*args):
         raise RuntimeError("simulated failure")
     server.scheduler.step = broken
     try:
@@ -381,6 +382,29 @@ def test_serves_an_exported_transformers_directory(tmp_path, served):
     assert answer.choices[0].message.content == tokenizer.decode(ours, skip_special_tokens=True).rstrip("\ufffd")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the captured decoding steps)"))])
+def test_scheduler_alone_matches_generate(served, device):
+    # no HTTP: generations submitted straight to the scheduler; on CUDA its steps are CUDA graphs
+    # captured per batch size over a static cache
+    model, tokenizer = tiny().to(device), served[1]
+    scheduler = Scheduler(model, max_batch=8)
+    assert (scheduler.captured is not None) == (device == "cuda")
+    prompts = [[1] + list(range(5, 5 + n)) for n in (3, 17, 60, 100)]  # the last two outgrow the context
+    done = [threading.Event() for _ in prompts]
+    generations = [serve.Generation(p, tokenizer, DOC_STOP, lambda event, d=d: event[0] != "text" and d.set(),
+                                    max_tokens=60, temperature=0, device=device) for p, d in zip(prompts, done)]
+    try:
+        for g in generations:
+            scheduler.submit(g)
+        for d in done:
+            assert d.wait(60)
+    finally:
+        scheduler.close()
+    for p, g in zip(prompts, generations):
+        assert g.tokens == model.generate([p], 60, temperature=0, stop_ids=DOC_STOP)[0]
+
+
 def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["serve.py", "--ckpt", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="missing: no checkpoint here") as e:
@@ -393,9 +417,9 @@ def slowed(scheduler, seconds):
     """Each decoding step takes at least `seconds`: tokens arrive in the browser one by one."""
     step = scheduler.step
 
-    def slow_step(tokens):
+    def slow_step(*args):
         time.sleep(seconds)
-        return step(tokens)
+        return step(*args)
     scheduler.step = slow_step
     try:
         yield
@@ -445,8 +469,10 @@ def test_chat_page_in_a_real_browser(served, tmp_path):
                             {"role": "user", "content": "再说一遍"}]
         assert s.submitted[-1].prompt == encode_chat(s.tokenizer, history)
         assert second == expected(s, encode_chat(s.tokenizer, history), 24, CHAT_STOP, temperature=0)[0]
-        page.screenshot(path=tmp_path / "chat.png")
-        assert (tmp_path / "chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # the README's docs/serve_chat.png: SERVE_SCREENSHOT=docs/serve_chat.png python -m pytest -k browser
+        shot = Path(os.environ.get("SERVE_SCREENSHOT", tmp_path / "chat.png"))
+        page.screenshot(path=shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
         # the stop button ends the reply in the browser and frees its row on the server
         page.fill("#max_tokens", "100")
