@@ -402,8 +402,7 @@ def create_app(scheduler, tokenizer, model_name, api_key=None) -> FastAPI:
         return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
 
     @app.exception_handler(Exception)
-    async def internal_error(request, e):
-        traceback.print_exc()
+    async def internal_error(request, e):  # the traceback goes to the server's log (uvicorn), not to the client
         return error_response(ApiError(500, "internal server error", type="server_error"))
 
     def check_key(request):
