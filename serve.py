@@ -41,6 +41,7 @@ decoding fails the requests in flight and the scheduler goes on.
 
 import argparse
 import asyncio
+import copy
 import hmac
 import json
 import os
@@ -391,6 +392,10 @@ def create_app(scheduler, tokenizer, model_name, api_key=None) -> FastAPI:
     app = FastAPI(title="k-model", docs_url=None, redoc_url=None, openapi_url=None)  # the docs page needs a CDN
     max_len = scheduler.max_len
     chat_stop_ids = (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
+    # the scheduler thread decodes with its own copy: a fast tokenizer is one Rust object behind a
+    # borrow flag, and some transformers versions reconfigure it on every encode, so an encode here
+    # during a decode there can fail with "Already borrowed"
+    decoding_tokenizer = copy.deepcopy(tokenizer)
     page = CHAT_PAGE.read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
@@ -448,7 +453,7 @@ def create_app(scheduler, tokenizer, model_name, api_key=None) -> FastAPI:
                 pass
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         try:
-            g = Generation(prompt, tokenizer, stop_ids, emit, max_tokens,
+            g = Generation(prompt, decoding_tokenizer, stop_ids, emit, max_tokens,
                            temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
                            top_p=req.top_p, repetition_penalty=req.repetition_penalty or 1.0, stop=stop,
                            seed=req.seed, device=scheduler.device)

@@ -50,10 +50,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(ckpt, max_batch, threads):
+def start_server(ckpt, max_batch, threads, device="cpu"):
     port = free_port()
     process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt", str(ckpt), "--port", str(port),
-                                "--max_batch", str(max_batch), "--max_queue", "256", "--device", "cpu"],
+                                "--max_batch", str(max_batch), "--max_queue", "256", "--device", device,
+                                "--dtype", "float32"],
                                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
@@ -117,6 +118,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cuda: the server's steps are captured CUDA graphs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (and of the reference); "
                         "on a shared, loaded CPU more threads spin against the other jobs")
     args = parser.parse_args()
@@ -125,11 +127,11 @@ def main():
           f"{args.threads} torch thread(s)")
     size = {k: v for k, v in PRESETS["tiny"].items() if k != "model_type"}
     torch.manual_seed(0)
-    model = build_model("k", vocab_size=6144, **size).eval()
+    model = build_model("k", vocab_size=6144, **size).to(args.device).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(REPO / "tokenizer_k")
     n_questions = max(16, 2 * max(args.clients))
     questions = prompts(n_questions)
-    print(f"tiny preset ({model.num_params() / 1e6:.1f}M parameters, random weights), fp32 CPU, greedy, "
+    print(f"tiny preset ({model.num_params() / 1e6:.1f}M parameters, random weights), fp32 on {args.device}, greedy, "
           f"max_tokens {args.max_tokens}, streaming; each level sends max(16, 2 x clients) requests\n")
 
     # the reference: model.generate one prompt at a time, in this process, no server
@@ -147,7 +149,7 @@ def main():
         ckpt = save_checkpoint(tmp, model, step=0, tokenizer_dir=REPO / "tokenizer_k")
         rows = []
         for max_batch, label in [(1, "one at a time (--max_batch 1)"), (32, "batched (--max_batch 32)")]:
-            process, port = start_server(ckpt, max_batch, args.threads)
+            process, port = start_server(ckpt, max_batch, args.threads, args.device)
             try:
                 for clients in args.clients:
                     n = max(16, 2 * clients)
