@@ -50,8 +50,12 @@ class KVCache:
 
     def row(self, b) -> "KVCache":
         """Row b alone, as a batch of one that shares this cache's storage."""
+        return self.rows(b, b + 1)
+
+    def rows(self, start, stop) -> "KVCache":
+        """Rows start..stop-1, as a batch that shares this cache's storage."""
         view = copy.copy(self)
-        view.k, view.v, view.lengths = self.k[:, b:b + 1], self.v[:, b:b + 1], self.lengths[b:b + 1]
+        view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
         return view
 
     def begin(self, T):

@@ -63,8 +63,10 @@ class StreamDecoder:
 
 
 def encode_chat(tokenizer, history):
-    """ChatML ids of the system prompt + history, ending with the assistant's generation prompt."""
-    messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + history
+    """ChatML ids of the system prompt + history, ending with the assistant's generation prompt.
+    The default system prompt, unless the history opens with its own system turn."""
+    own_system = bool(history) and history[0]["role"] == "system"
+    messages = history if own_system else [{"role": "system", "content": DEFAULT_SYSTEM}] + history
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
@@ -77,6 +79,15 @@ def fit_history(tokenizer, history, budget):
         if len(ids) <= budget or len(history) == 1:
             return ids, history
         history = history[2:]
+
+
+def device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """device: default cuda if available; dtype (a DTYPES name): default bfloat16 on a GPU that
+    has it, else float32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = "bfloat16" if device.type == "cuda" and bf16_supported(device) else "float32"
+    return device, DTYPES[dtype]
 
 
 class TextGenerator:
@@ -97,10 +108,8 @@ class TextGenerator:
         self.tokenizer_dir = Path(tokenizer_dir)
         if not (self.tokenizer_dir / "tokenizer.json").exists():
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (run python train_tokenizer.py first)")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = "bfloat16" if self.device.type == "cuda" and bf16_supported(self.device) else "float32"
-        self.model = load_model(self.checkpoint, self.device, DTYPES[dtype], model_config).eval()
+        self.device, torch_dtype = device_and_dtype(device, dtype)
+        self.model = load_model(self.checkpoint, self.device, torch_dtype, model_config).eval()
         # not AutoTokenizer: it would also read a checkpoint's config.json and warn about model_type "k"
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(self.tokenizer_dir)
         if len(self.tokenizer) > self.model.config.vocab_size:
