@@ -145,20 +145,23 @@ class DecodeStep:
     """decode_step on CUDA, captured once as a CUDA graph and replayed: a step of a small model is
     hundreds of tiny kernels, each costing more to launch from Python than to run, so replaying the
     recorded launches is many times faster. It needs fixed shapes and addresses: a static cache
-    (every step reads all max_len slots) and the input tokens copied into one buffer."""
+    (every step reads all max_len slots) and the input tokens copied into one buffer. With
+    compile=True the step is first compiled (torch.compile fuses its elementwise chains, so the
+    graph holds fewer, larger kernels; the first compilation takes a while)."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, compile=False):
         self.model, self.cache = model, cache
         self.tokens = torch.zeros_like(cache.lengths)
-        side = torch.cuda.Stream()  # warm up (allocations, kernel selection) off the capture
+        step = torch.compile(decode_step, dynamic=False) if compile else decode_step
+        side = torch.cuda.Stream()  # warm up (allocations, kernel selection, compilation) off the capture
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                decode_step(model, cache, self.tokens)
+                step(model, cache, self.tokens)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decode_step(model, cache, self.tokens)
+            self.logits = step(model, cache, self.tokens)
 
     def __call__(self, tokens):
         self.tokens.copy_(tokens)
@@ -180,11 +183,13 @@ def as_prompt_lists(prompts):
 
 @torch.inference_mode()
 def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
-           repetition_penalty=1.0, stop_ids=(), generator=None, captured=None) -> Iterator[torch.Tensor]:
+           repetition_penalty=1.0, stop_ids=(), generator=None, captured=None,
+           compile_step=False) -> Iterator[torch.Tensor]:
     """Yield one tensor [B] of sampled tokens per step (a finished row repeats a stop id).
 
-    captured: replay the step as a CUDA graph (default: on CUDA). When a row's context is full,
-    its cache row is refilled with its last max_len // 2 tokens and decoding goes on."""
+    captured: replay the step as a CUDA graph (default: on CUDA); compile_step: compile it first
+    (see DecodeStep). When a row's context is full, its cache row is refilled with its last
+    max_len // 2 tokens and decoding goes on."""
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     prompts = as_prompt_lists(prompts)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -197,7 +202,7 @@ def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_
     captured = device.type == "cuda" if captured is None else captured
     B = len(prompts)
     cache = model.new_cache(B, static=captured)
-    step = DecodeStep(model, cache) if captured else (lambda tokens: decode_step(model, cache, tokens))
+    step = DecodeStep(model, cache, compile_step) if captured else (lambda tokens: decode_step(model, cache, tokens))
     logits = prefill(model, cache, prompts)
     history = [list(p) for p in prompts]  # kept to refill a row whose context is full
     stop = torch.tensor(list(stop_ids) or [-1], device=device)

@@ -95,6 +95,8 @@ def setup_runtime(cfg, gpu_ids) -> Runtime:
         except RuntimeError:
             raise SystemExit(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N") from None
     if rt.device.type == "cuda":
+        if rt.device.index is None:  # "cuda": the current device, named by its index
+            rt.device = torch.device("cuda", torch.cuda.current_device())
         # the current device is where unplaced tensors, the default RNG and the kernels' streams go:
         # without this, --gpus 3 or --device cuda:3 still does some of its work on GPU 0
         torch.cuda.set_device(rt.device)

@@ -168,23 +168,25 @@ def decoding(args, device):
           "new tokens after a 16-token prompt (best of 3, after one warmup)\n")
     print("| batch | loop | seconds | new tokens/s | same tokens as eager |")
     print("|---|---|---|---|---|")
-    for batch in (1, 32):
+    for batch in args.batches:
         prompts = torch.randint(5, 6144, (batch, 16), generator=torch.Generator().manual_seed(batch)).tolist()
         outputs = {}
-        for captured in [False] + ([True] if device.type == "cuda" else []):
+        for loop in ["eager"] + (["captured", "compiled"] if device.type == "cuda" else []):
             def run():
-                return model.generate(prompts, args.new_tokens, temperature=0, captured=captured)
+                return model.generate(prompts, args.new_tokens, temperature=0, captured=loop != "eager",
+                                      compile_step=loop == "compiled")
             run()
             best = math.inf
             for _ in range(3):
                 sync(device)
                 start = time.perf_counter()
-                outputs[captured] = run()
+                outputs[loop] = run()
                 sync(device)
                 best = min(best, time.perf_counter() - start)
-            tokens = sum(map(len, outputs[captured]))
-            print(f"| {batch} | {'captured (CUDA graph)' if captured else 'eager'} | {best:.3f} | "
-                  f"{tokens / best:,.0f} | {outputs[captured] == outputs[False]} |", flush=True)
+            tokens = sum(map(len, outputs[loop]))
+            name = {"eager": "eager", "captured": "captured (CUDA graph)", "compiled": "compiled + captured"}[loop]
+            print(f"| {batch} | {name} | {best:.3f} | {tokens / best:,.0f} | {outputs[loop] == outputs['eager']} |",
+                  flush=True)
 
 
 def main():
@@ -196,6 +198,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (they include compilation)")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="decoding batch sizes")
     p.add_argument("--only", choices=["throughput", "memory", "decoding"], nargs="+",
                    default=["throughput", "memory", "decoding"])
     p.add_argument("--smoke", action="store_true", help="toy sizes: check the script on any machine")

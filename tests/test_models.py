@@ -240,7 +240,7 @@ def test_the_captured_decoding_path_gives_the_eager_tokens(monkeypatch):
     import generation
 
     class Replayed(generation.DecodeStep):
-        def __init__(self, model, cache):
+        def __init__(self, model, cache, compile=False):
             assert cache.static
             self.model, self.cache = model, cache
             self.tokens = torch.zeros_like(cache.lengths)

@@ -93,13 +93,21 @@ def test_rng_state_of_every_gpu_is_saved_and_restored(monkeypatch):
 
 
 @pytest.mark.parametrize("device, gpu_ids, expected", [("cuda:3", None, "cuda:3"), ("auto", [2], "cuda:2"),
-                                                       ("auto", [1, 2], "cuda:1")])
+                                                       ("auto", [1, 2], "cuda:1"), ("auto", None, "cuda:0"),
+                                                       ("cuda", None, "cuda:0")])
 def test_the_runs_gpu_becomes_the_current_device(monkeypatch, device, gpu_ids, expected):
     # without set_device, --device cuda:3, --gpus 2 and DataParallel left unplaced tensors and the
     # default RNG on GPU 0
     current = []
+
+    def set_device(d):  # as torch's: a device without an index is refused
+        if isinstance(d, torch.device) and d.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{d}")
+        current.append(str(d))
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     rt = runtime.setup_runtime(TrainConfig(device=device), gpu_ids)
     assert str(rt.device) == expected and current == [expected]
     assert rt.dp_ids == (gpu_ids if gpu_ids and len(gpu_ids) > 1 else None)
