@@ -19,9 +19,10 @@ DEFAULTS = dict(kind="pretrain", out_dir="out/pretrain")
 
 # The embedded default, tuned for a 2-core CPU and ~6 minutes (figures in bench/RESULTS.md):
 # short packed windows, a small global batch (16 windows) so the model takes many steps, a schedule
-# that ends in time. Micro-batches of 8: the same steps as 16 at once, at half the activation memory.
-EMBEDDED = dict(batch_size=8, accumulation_steps=2, learning_rate=2e-3, warmup_iters=30, time_limit=360,
-                epochs=100, eval_interval=200, eval_batches=200, log_interval=10, save_interval=200,
+# that ends in time. Micro-batches of 4, four per step: the same steps as 16 at once (the loss
+# weights every token alike however a batch is split) at a quarter of the activation memory.
+EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=2e-3, warmup_iters=30, time_limit=360,
+                epochs=100, eval_interval=200, eval_batches=400, log_interval=10, save_interval=200,
                 num_workers=0)
 
 if __name__ == "__main__":

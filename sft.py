@@ -19,9 +19,9 @@ DEFAULTS = dict(kind="sft", out_dir="out/sft",
                 init_from="out/pretrain" if checkpoint.latest_checkpoint("out/pretrain") else None)
 
 # The embedded default, tuned for a 2-core CPU and ~3 minutes (figures in bench/RESULTS.md);
-# micro-batches of 8, two per step: the same steps as 16 at once, at half the activation memory.
-EMBEDDED = dict(batch_size=8, accumulation_steps=2, learning_rate=1e-3, warmup_iters=10, time_limit=180,
-                epochs=100, eval_interval=100, eval_batches=200, log_interval=10, save_interval=200,
+# micro-batches of 4, four per step: the same steps as 16 at once, at a quarter of the activation memory.
+EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-3, warmup_iters=10, time_limit=180,
+                epochs=100, eval_interval=100, eval_batches=400, log_interval=10, save_interval=200,
                 num_workers=0)
 ANSWER_BATCH = 50  # questions answered together: the prefill of a batch holds batch x prompt x prompt scores
 

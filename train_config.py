@@ -97,6 +97,7 @@ class TrainConfig:
     resume: bool = arg(False, "continue the run in --out_dir from its newest checkpoint; with a larger "
                               "--max_steps/--epochs (or another --time_limit) it trains longer")
     overwrite: bool = arg(False, "start afresh in an --out_dir that holds checkpoints, deleting them")
+    plot: bool = arg(True, "draw the run's curves (metrics.jsonl) into out_dir/curves.png at the end")
     use_swanlab: bool = arg(False, "track the run with SwanLab")
     swanlab_mode: str = arg("offline", "offline (no account, sync later), local, cloud, disabled",
                             choices=["offline", "local", "cloud", "disabled"])

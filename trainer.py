@@ -501,6 +501,9 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
             + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in after if k in before)
             + f"; checkpoint {checkpoint.latest_checkpoint(cfg.out_dir)}")
     run.tracker.finish()
+    if rt.master and cfg.plot:  # the run's curves beside its checkpoints
+        import plot  # here, not at the top: matplotlib is for the end of a run only
+        say(rt, f"curves: {plot.plot_runs([cfg.out_dir], Path(cfg.out_dir) / 'curves.png')}")
     if rt.ddp:  # every rank done with its collectives, and the DDP model dropped, before the group goes
         dist.barrier()
         del run

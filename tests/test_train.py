@@ -31,7 +31,7 @@ from conftest import REPO, TOKENIZER_DIR as TOKENIZER
 TINY = ["--preset", "tiny", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1",
         "--max_seq_len", "32", "--batch_size", "4", "--accumulation_steps", "1", "--learning_rate", "3e-3",
         "--num_workers", "0", "--device", "cpu", "--dtype", "float32", "--log_interval", "1",
-        "--eval_interval", "1000", "--eval_batches", "2", "--tokenizer_dir", str(TOKENIZER)]
+        "--eval_interval", "1000", "--eval_batches", "2", "--plot", "false", "--tokenizer_dir", str(TOKENIZER)]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,9 @@ def test_sft_trains_only_the_masked_positions(sft_samples):
 
 
 def test_pretraining_lowers_validation_loss_and_sft_continues(tmp_path, cache, pretrain_jsonl, belle_jsonl):
-    script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 40, "--out_dir", "pre", cwd=tmp_path, cache=cache)
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--max_steps", 40, "--out_dir", "pre", "--plot", "true",
+                  cwd=tmp_path, cache=cache)
+    assert "curves: pre/curves.png" in done.stdout and (tmp_path / "pre" / "curves.png").stat().st_size > 10_000
     vals = records(tmp_path / "pre", "val_loss")
     bpc = records(tmp_path / "pre", "val_bpc")
     assert sorted(vals) == [0, 40] and vals[40] < vals[0] - 0.5
