@@ -42,9 +42,10 @@ DEFAULTS = dict(kind="dpo", out_dir="out/dpo", learning_rate=1e-5,
                 init_from="out/sft" if checkpoint.latest_checkpoint("out/sft") else None)
 
 # The embedded default, for a 2-core CPU and ~3 minutes (figures in bench/RESULTS.md). A step
-# computes 2 x batch_size sequences twice (policy and reference): micro-batches of 4 pairs.
+# computes 2 x batch_size sequences twice (policy and reference): micro-batches of 4 pairs. Each
+# validation reads all 500 held-out pairs (125 batches of 4).
 EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-4, warmup_iters=10, time_limit=180,
-                epochs=100, eval_interval=50, eval_batches=25, log_interval=10, save_interval=200,
+                epochs=100, eval_interval=100, eval_batches=125, log_interval=10, save_interval=200,
                 num_workers=0)
 
 

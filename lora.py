@@ -156,7 +156,8 @@ def save_adapters(model, directory, base_path, base_sha256):
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
               "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": str(base_path)}
     directory = Path(directory)
-    save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt", BASE_SHA256: base_sha256})
+    save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS),
+              metadata={"format": "pt", BASE_SHA256: base_sha256})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 

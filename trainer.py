@@ -340,14 +340,17 @@ def load_start(raw_model, cfg, start, resumed):
     (refused if that base's weights changed). The base is saved with every checkpoint."""
     try:
         base = start
-        if resumed and (cfg.lora_rank or checkpoint.is_lora(start)):
-            saved = lora.read_adapter_config(start) if checkpoint.is_lora(start) else {"rank": 0}
-            ours = (cfg.lora_rank, cfg.lora_alpha, set(cfg.lora_targets.split(",")), cfg.lora_dropout)
-            if (saved["rank"], saved.get("alpha"), set(saved.get("targets", ())), saved.get("dropout")) != ours:
+        if resumed:  # a run goes on as it was: LoRA or not, with the same adapters
+            saved = lora.read_adapter_config(start) if checkpoint.is_lora(start) else None
+            theirs = (saved["rank"], saved["alpha"], set(saved["targets"]), saved["dropout"]) if saved else None
+            ours = ((cfg.lora_rank, cfg.lora_alpha, set(cfg.lora_targets.split(",")), cfg.lora_dropout)
+                    if cfg.lora_rank else None)
+            if theirs != ours:
                 flags = (f"--lora_rank {saved['rank']} --lora_alpha {saved['alpha']} --lora_targets "
-                         f"{','.join(saved['targets'])} --lora_dropout {saved['dropout']}") if saved["rank"] else "no --lora_rank"
+                         f"{','.join(saved['targets'])} --lora_dropout {saved['dropout']}" if saved else "no --lora_rank")
                 raise ValueError(f"{start}: the run was trained with {flags}; pass the same to resume it")
-            base = checkpoint.lora_base(start) if cfg.lora_rank else start
+            if saved:
+                base = checkpoint.lora_base(start)
         checkpoint.load_weights(raw_model, base)
         if cfg.lora_rank:
             if resumed:

@@ -61,7 +61,9 @@ def test_loss_and_gradients_equal_the_formula_on_a_hand_built_pair():
     for prompt, chosen, rejected in [(PROMPT, CHOSEN, REJECTED), other]:
         with torch.no_grad():
             ref_c, ref_r = direct_logp(reference, prompt, chosen), direct_logp(reference, prompt, rejected)
-        margin = beta * ((direct_logp(policy, prompt, chosen) - ref_c) - (direct_logp(policy, prompt, rejected) - ref_r))
+        chosen_ratio = direct_logp(policy, prompt, chosen) - ref_c
+        rejected_ratio = direct_logp(policy, prompt, rejected) - ref_r
+        margin = beta * (chosen_ratio - rejected_ratio)
         expected = expected - F.logsigmoid(margin)
         margins.append(margin.item())
     expected.backward()
@@ -117,8 +119,8 @@ def test_loss_equals_trl_dpo_trainer(tmp_path):
 
 def test_pair_formats_are_read_and_bad_lines_counted(tmp_path):
     good = [{"prompt": "天气好吗", "chosen": "很好", "rejected": "不知道"},
-            {"prompt": [{"role": "user", "content": "你好"}], "chosen": [{"role": "assistant", "content": "你好！"}],
-             "rejected": [{"role": "assistant", "content": "走开"}]},
+            {"prompt": [{"role": "user", "content": "你好"}],
+             "chosen": [{"role": "assistant", "content": "你好！"}], "rejected": [{"role": "assistant", "content": "走开"}]},
             {"chosen": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}],  # minimind's
              "rejected": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "3"}]}]
     bad = [{"prompt": "x", "chosen": "y"},  # no rejected reply
@@ -131,7 +133,8 @@ def test_pair_formats_are_read_and_bad_lines_counted(tmp_path):
         f.write("{not json\n")
     stats = Counter()
     pairs = list(iter_preference_pairs(path, stats))
-    assert [(c[-1]["content"], r[-1]["content"]) for c, r in pairs] == [("很好", "不知道"), ("你好！", "走开"), ("2", "3")]
+    replies = [(c[-1]["content"], r[-1]["content"]) for c, r in pairs]
+    assert replies == [("很好", "不知道"), ("你好！", "走开"), ("2", "3")]
     assert all(c[0]["role"] == "system" and c[:-1] == r[:-1] for c, r in pairs)
     assert stats == Counter({"ok": 3, "not a preference pair": 1, "chosen and rejected answer different prompts": 1,
                              "identical replies": 1, "no assistant turn": 1, "malformed JSON": 1})

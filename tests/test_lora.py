@@ -137,7 +137,8 @@ def test_sft_with_lora_trains_adapters_resumes_and_refuses_another_base(tmp_path
     resumed = run_sft(*args, "--max_steps", 8, "--resume")
     assert resumed["steps"] == 8
     with pytest.raises(SystemExit, match="--lora_rank 4") as refused:
-        run_sft(*[a for a in args if a not in ("--lora_rank", 4)], "--out_dir", "out/lora", "--max_steps", 9, "--resume")
+        without_lora = [a for a in args if a not in ("--lora_rank", 4)]
+        run_sft(*without_lora, "--out_dir", "out/lora", "--max_steps", 9, "--resume")
     assert "\n" not in str(refused.value)
 
     sampler = TextGenerator("out/lora", device="cpu")  # the base it names, with the adapters merged
