@@ -186,3 +186,7 @@ def test_dpo_run_starts_at_log_two_and_learns_the_preference(tmp_path, monkeypat
     assert losses[-1] < losses[0]
     ckpt = checkpoint.latest_checkpoint(tmp_path / "out" / "dpo")
     assert checkpoint.is_lora(ckpt) == bool(lora_rank)
+    # resumed, the reference is still the starting model, not the policy it resumes
+    resumed = trainer.main(dpo.__doc__, dpo.DEFAULTS, dpo.EMBEDDED, argv=[*argv, "--max_steps", "8", "--resume"],
+                           objective=dpo.DPO())
+    assert resumed["before"]["val_reward_margin"] == pytest.approx(after["val_reward_margin"], rel=1e-5)
