@@ -18,6 +18,7 @@ half-written one that looks finished. Only the newest `keep` checkpoints are kep
 checkpoint) or a bare weights file (.pth as happy-llm writes it, or .safetensors).
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -33,6 +34,7 @@ import torch
 from safetensors.torch import load_model as load_safetensors, save_model as save_safetensors
 from tokenizers import Tokenizer
 
+import lora
 from gpt2_model import GPT2, GPT2Config
 from k_model import ModelConfig, Transformer
 
@@ -99,7 +101,10 @@ def save_checkpoint(out_dir, model, step, train_state=None, tokenizer_dir=None, 
     target = out_dir / f"ckpt-{step:07d}"
 
     def fill(tmp):
-        save_safetensors(model, str(tmp / "model.safetensors"))  # stores a tied matrix once
+        if lora.has_adapters(model):  # a LoRA run: the adapters alone, and the base they belong to
+            lora.save_adapters(model, tmp, *model.adapter_base)
+        else:
+            save_safetensors(model, str(tmp / "model.safetensors"))  # stores a tied matrix once
         (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2, ensure_ascii=False))
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
@@ -136,10 +141,51 @@ def prepare_out_dir(out_dir, resume, overwrite, master) -> Path | None:
 def latest_checkpoint(path) -> Path | None:
     """The newest complete checkpoint under path (or path itself if it holds a model)."""
     path = Path(path)
-    if (path / "model.safetensors").exists():
+    if weights_file(path).exists():
         return path
-    ckpts = sorted(p for p in path.glob("ckpt-*") if (p / "model.safetensors").exists())
+    ckpts = sorted(p for p in path.glob("ckpt-*") if weights_file(p).exists())
     return ckpts[-1] if ckpts else None
+
+
+def is_lora(ckpt) -> bool:
+    """Whether a checkpoint dir holds LoRA adapters (and names its base) rather than a whole model."""
+    return (Path(ckpt) / lora.ADAPTER_CONFIG).is_file()
+
+
+def weights_file(ckpt) -> Path:
+    """A checkpoint's weights: model.safetensors, or a LoRA checkpoint's adapters."""
+    return Path(ckpt) / (lora.ADAPTER_WEIGHTS if is_lora(ckpt) else "model.safetensors")
+
+
+def weights_sha256(ckpt) -> str:
+    """The identity of a checkpoint's weights: the sha256 of its weights file (read in chunks)."""
+    with open(weights_file(ckpt), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def lora_base(ckpt) -> Path:
+    """The base checkpoint a LoRA checkpoint was trained on; ValueError if it is gone or its
+    weights are no longer the ones the adapters were trained on."""
+    config = lora.read_adapter_config(ckpt)
+    base, wanted = Path(config["base_model_name_or_path"]), config[lora.BASE_SHA256]
+    if not weights_file(base).is_file():
+        raise ValueError(f"{ckpt}: its base checkpoint {base} is gone; put it back there (the adapters are "
+                         "useless without the weights they were trained on)")
+    found = weights_sha256(base)
+    if found != wanted:
+        raise ValueError(f"{ckpt}: its adapters were trained on {base} with weights sha256 {str(wanted)[:12]}, "
+                         f"but {weights_file(base).name} there is now {found[:12]}: a different base; restore "
+                         "that checkpoint or train new adapters on this one")
+    return base
+
+
+def load_weights(model, ckpt):
+    """Load a checkpoint's weights into a model of its sizes: model.safetensors, or a LoRA
+    checkpoint's base with the adapters merged. ValueError if a LoRA base changed."""
+    if is_lora(ckpt):
+        model.load_state_dict(load_model(ckpt).state_dict())
+    else:
+        load_safetensors(model, str(Path(ckpt) / "model.safetensors"))
 
 
 def read_config(ckpt) -> dict:
@@ -168,6 +214,10 @@ def load_model(path, device="cpu", dtype=None, model_config: dict | None = None)
     .safetensors file) holds no config: it comes from model_config or a config.json beside it.
     Raises FileNotFoundError / ValueError with a message naming the file and the fix."""
     source = weights_source(path)
+    if is_lora(source) and model_config is None:
+        # a LoRA checkpoint: the base it names (verified), with its adapters merged in
+        model = lora.load_adapters(load_model(lora_base(source)), source)
+        return lora.merge_lora(model).to(device=device, dtype=dtype)
     if source.is_dir():
         if model_config is not None:
             raise ValueError(f"{source}: a model config is for a bare weights file; a checkpoint dir has its config.json")

@@ -2,6 +2,7 @@
 Export a K-Model checkpoint to transformers' Llama format (and import one back).
 
     python export_hf.py --ckpt out/sft --out_dir out/hf
+    python export_hf.py --ckpt out/lora --out_dir out/hf_lora   # LoRA: the base with the adapters merged in
 
 The K-Model is the Llama architecture, so it maps onto LlamaForCausalLM tensor for tensor:
 

@@ -6,6 +6,7 @@ Sample from trained models: pretraining continuations, SFT answers, and a stream
     python model_sample.py --prompt FILE:prompt.txt --max_new_tokens 200
     python model_sample.py --chat                # multi-turn chat in the terminal
     python model_sample.py --ckpt pretrain_1024_18_6144.pth --model_config '{"dim": 1024, "n_layers": 18}'
+    python model_sample.py --ckpt out/lora --mode sft  # a LoRA run: the base it names, adapters merged
 
 `TextGenerator` loads a checkpoint (a ckpt dir, a run dir, or a bare weights file such as
 happy-llm's .pth) with its tokenizer. `pretrain_sample` continues text the way pretraining saw it

@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 import checkpoint
+import lora
 
 # Model sizes by name; --dim, --n_layers, ... override single fields of a preset.
 PRESETS = {
@@ -79,6 +80,14 @@ class TrainConfig:
     weight_decay: float = arg(0.1, "AdamW weight decay, applied to matrices only")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = arg(42, "seed of the initial weights and the data order")
+    # LoRA (lora.py) and DPO (dpo.py)
+    lora_rank: int = arg(0, "LoRA: freeze the --init_from model and train rank-r adapters W + (alpha/r)*B*A "
+                            "instead (sft.py's out_dir becomes out/lora); 0: off, every weight trains")
+    lora_alpha: float = arg(16.0, "LoRA: the adapters' scale alpha (the update is multiplied by alpha/rank)")
+    lora_targets: str = arg("wq,wk,wv,wo,w1,w2,w3", "LoRA: comma-separated linear layers to adapt (attention "
+                                                    "wq,wk,wv,wo; SwiGLU w1,w2,w3)")
+    lora_dropout: float = arg(0.0, "LoRA: dropout on the adapters' input")
+    beta: float = arg(0.1, "DPO: how far the policy may move from the reference (larger: closer to it)")
     # hardware
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = arg("auto", "auto: bfloat16 where the hardware has it, else float16 on CUDA, float32 on CPU",
@@ -150,7 +159,28 @@ def parse_config(argv, description, defaults, embedded) -> TrainConfig:
         raise SystemExit(f"--data_path {cfg.data_path}: no such file")
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
-    return resolve_model_size(cfg, embedded_run="data_path" not in given)
+    cfg = resolve_model_size(cfg, embedded_run="data_path" not in given)
+    check_lora_and_dpo(cfg, given)
+    return cfg
+
+
+def check_lora_and_dpo(cfg, given):
+    """The LoRA and DPO flags: sane values, and a trained model to start from."""
+    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1 or cfg.beta <= 0:
+        raise SystemExit(f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha} --lora_dropout "
+                         f"{cfg.lora_dropout} --beta {cfg.beta}: need rank >= 0, alpha > 0, 0 <= dropout < 1, beta > 0")
+    unknown = sorted(set(cfg.lora_targets.split(",")) - set(lora.TARGETS))
+    if unknown:
+        raise SystemExit(f"--lora_targets {cfg.lora_targets}: unknown {','.join(unknown)}; choose from "
+                         f"{','.join(lora.TARGETS)}")
+    if cfg.lora_rank and cfg.model_type == "gpt2":
+        raise SystemExit("--lora_rank with --model gpt2: LoRA adapts the K-Model (its adapters are saved for the "
+                         "exported Llama); the gpt2 baseline has none")
+    if (cfg.lora_rank or cfg.kind == "dpo") and not cfg.init_from and not cfg.resume:
+        raise SystemExit(f"{'--lora_rank' if cfg.lora_rank else 'dpo.py'}: fine-tunes a trained model; pass "
+                         "--init_from CKPT (e.g. out/pretrain or out/sft)")
+    if cfg.kind == "sft" and cfg.lora_rank and "out_dir" not in given:
+        cfg.out_dir = "out/lora"  # adapters apart from the full SFT runs of out/sft
 
 
 def resolve_model_size(cfg, embedded_run):
@@ -160,6 +190,8 @@ def resolve_model_size(cfg, embedded_run):
         if init is None:
             raise SystemExit(f"--init_from {cfg.init_from}: no checkpoint there (expected ckpt-*/ or "
                              "model.safetensors); train one first or pass another directory")
+    if init is not None:  # the exact checkpoint, saved with the run (dpo.py's reference when resuming)
+        cfg.init_from = str(init)
     if cfg.preset is None and init is not None:
         source = checkpoint.read_config(init)
     else:

@@ -19,6 +19,10 @@ the limit. The plan is saved with each checkpoint, so a resumed run follows the 
 run resumed with a larger --max_steps / --epochs (or another --time_limit) re-plans from where it
 is: the cosine goes on from the current learning rate down to its floor at the new last step.
 
+What is minimised is an `Objective`: next-token prediction for pretrain.py and sft.py; dpo.py's
+preference loss is another, on the same loop. With --lora_rank the model's weights are frozen and
+only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
+
 Where the rest lives: train_config.py (the flags), runtime.py (devices, DDP, mixed precision),
 dataset.py (the data and its loaders), checkpoint.py (saving, resuming, loading).
 """
@@ -36,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model as load_safetensors
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import checkpoint
+import lora
 from dataset import eval_loader, load_datasets, train_loader
 from runtime import Runtime, all_reduce, autocast, autocast_dtype, relaunch_for_gpus, setup_runtime, wrap_model
 from train_config import TrainConfig, parse_config
@@ -79,12 +83,31 @@ def to_device(batch, device):
     return [t.to(device, non_blocking=True) for t in batch]
 
 
-def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp):
+class Objective:
+    """What the loop minimises; this one is next-token prediction (pretrain.py, sft.py), and dpo.py's
+    preference loss subclasses it. The loop calls `module(model, cfg)` instead of the model:
+    forward(x, y, loss_mask, reduction="sum") -> (logits, or a dict of sums to report per unit at
+    validation; the summed loss). Each step divides that sum by the `units` of the whole global batch."""
+
+    def datasets(self, cfg, rt):
+        """(training, validation) datasets of (X, Y, loss_mask) samples."""
+        return load_datasets(cfg, rt)
+
+    def module(self, model, cfg):
+        return model
+
+    @staticmethod
+    def units(loss_mask):
+        """What the loss is a mean over: the trained tokens."""
+        return loss_mask.sum()
+
+
+def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp, units=Objective.units):
     """One optimizer step over the micro-batches [(X, Y, loss_mask)] of this rank.
-    Returns (mean loss over all trained tokens of the global batch, non-padding input tokens,
+    Returns (mean loss over all trained tokens (units) of the global batch, non-padding input tokens,
     gradient norm before clipping)."""
-    # the trained tokens of the whole global batch, known before the first backward
-    counts = all_reduce([sum(float(m.sum()) for _, _, m in micro_batches),
+    # the trained tokens (units) of the whole global batch, known before the first backward
+    counts = all_reduce([sum(float(units(m)) for _, _, m in micro_batches),
                          sum(float((x != 0).sum()) for x, _, _ in micro_batches)], rt)  # pad id 0 is never a real token
     n_trained, n_real = counts.tolist()
     n_real = int(n_real)
@@ -126,21 +149,25 @@ def text_chars(loader, tokenizer, rt) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, rt, amp, chars=None) -> dict:
+def evaluate(model, loader, rt, amp, chars=None, units=Objective.units) -> dict:
     """Validation loss and perplexity over the trained positions; given the characters of the
-    evaluated text, also bits per character: total nats / ln 2 / characters, which no tokenizer can game."""
+    evaluated text, also bits per character: total nats / ln 2 / characters, which no tokenizer can game.
+    An objective that returns a dict of sums (dpo.py) has those reported per unit, and no perplexity."""
     model.eval()
-    nats, tokens = 0.0, 0.0
+    nats, tokens, sums = 0.0, 0.0, {}
     for x, y, mask in loader:
         xd, yd, md = to_device((x, y, mask), rt.device)
         with amp:
-            _, loss = model(xd, yd, md, reduction="sum")
+            out, loss = model(xd, yd, md, reduction="sum")
         nats += loss.item()
-        tokens += float(mask.sum())
+        tokens += float(units(mask))
+        for name, value in (out.items() if isinstance(out, dict) else ()):
+            sums[name] = sums.get(name, 0.0) + float(value)
     model.train()
-    nats, tokens = all_reduce([nats, tokens], rt).tolist()
+    nats, tokens, *totals = all_reduce([nats, tokens, *sums.values()], rt).tolist()
     loss = nats / max(tokens, 1)
-    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))} if not sums else {"val_loss": loss}
+    result.update({f"val_{name}": total / max(tokens, 1) for name, total in zip(sums, totals)})
     if chars is not None:
         result["val_bpc"] = nats / math.log(2) / max(chars, 1)
     return result
@@ -306,6 +333,34 @@ def out_of_memory(cfg, rt, state, first_step):
     print(f"out of memory at the first step: retrying with --batch_size {cfg.batch_size} --accumulation_steps "
           f"{cfg.accumulation_steps} (the same global batch)", flush=True)
 
+def load_start(raw_model, cfg, start, resumed):
+    """Load the weights a run starts from into raw_model: the checkpoint's, or a LoRA checkpoint's
+    base with its adapters merged. With --lora_rank the model is then frozen and adapted: fresh
+    adapters on the --init_from model, or, resuming, the run's own adapters on the base they name
+    (refused if that base's weights changed). The base is saved with every checkpoint."""
+    try:
+        base = start
+        if resumed:  # a run goes on as it was: LoRA or not, with the same adapters
+            saved = lora.read_adapter_config(start) if checkpoint.is_lora(start) else None
+            theirs = (saved["rank"], saved["alpha"], set(saved["targets"]), saved["dropout"]) if saved else None
+            ours = ((cfg.lora_rank, cfg.lora_alpha, set(cfg.lora_targets.split(",")), cfg.lora_dropout)
+                    if cfg.lora_rank else None)
+            if theirs != ours:
+                flags = (f"--lora_rank {saved['rank']} --lora_alpha {saved['alpha']} --lora_targets "
+                         f"{','.join(saved['targets'])} --lora_dropout {saved['dropout']}" if saved else "no --lora_rank")
+                raise ValueError(f"{start}: the run was trained with {flags}; pass the same to resume it")
+            if saved:
+                base = checkpoint.lora_base(start)
+        checkpoint.load_weights(raw_model, base)
+        if cfg.lora_rank:
+            if resumed:
+                lora.load_adapters(raw_model, start)
+            else:
+                lora.add_lora(raw_model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout)
+            raw_model.adapter_base = (Path(base).resolve(), checkpoint.weights_sha256(base))  # see save_checkpoint
+    except ValueError as e:
+        raise SystemExit(f"{'--resume' if resumed else '--init_from'} {e}") from None
+
 # -----------------------------------------------------------------------------
 # the run
 
@@ -329,9 +384,11 @@ class Run:
     evals: dict
     global_batch: int
     start_time: float
+    objective: Objective
+    loss_model: torch.nn.Module  # what computes the loss: raw_model itself, or the objective's module around it
 
 
-def prepare(cfg, gpu_ids, evals, start_time) -> Run:
+def prepare(cfg, gpu_ids, evals, start_time, objective=None) -> Run:
     """Devices, the model (from a checkpoint if resuming or --init_from, checked before any time goes
     into tokenising), the data, the optimizer and the state of the run, with the config printed."""
     rt = setup_runtime(cfg, gpu_ids)
@@ -354,11 +411,12 @@ def prepare(cfg, gpu_ids, evals, start_time) -> Run:
         checkpoint.check_compatible(start, checkpoint.config_dict(raw_model), cfg.tokenizer_dir,
                                     "--resume" if resume_from else "--init_from",
                                     ignore=() if resume_from else ("dropout", "max_seq_len"))
-        load_safetensors(raw_model, str(start / "model.safetensors"))
+        load_start(raw_model, cfg, start, resume_from is not None)
     elif cfg.kind == "sft":
         say(rt, "warning: SFT from random weights; run `python pretrain.py` first or pass --init_from")
     raw_model.to(rt.device)
-    train_ds, val_ds = load_datasets(cfg, rt)
+    objective = objective or Objective()
+    train_ds, val_ds = objective.datasets(cfg, rt)
     torch.manual_seed(cfg.seed + rt.rank)  # from here on, each rank its own stream (dropout)
     random.seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
@@ -377,22 +435,26 @@ def prepare(cfg, gpu_ids, evals, start_time) -> Run:
         state = RunState(total_steps=cfg.max_steps or cfg.epochs * steps_per_epoch, planned=not cfg.time_limit)
     # the session that plans the steps for --time_limit also stops at it (a resumed run follows its plan)
     budget = None if state.planned else TimeBudget(cfg.time_limit, start_time, cfg.eval_interval, cfg.save_interval)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     say(rt, f"model: {cfg.model_type}, {raw_model.num_params() / 1e6:.2f}M parameters"
-        + (f", from {start}" if start else ", random init"))
+        + (f", from {start}" if start else ", random init")
+        + (f"; LoRA rank {cfg.lora_rank}: {trainable:,} trainable ({trainable / raw_model.num_params():.2%})"
+           if cfg.lora_rank else ""))
     say(rt, f"data: {len(train_ds):,} training / {len(val_ds):,} validation samples of <= {cfg.max_seq_len + 1} "
         f"tokens; {steps_per_epoch:,} steps per epoch of {global_batch} samples")
     val_loader = eval_loader(val_ds, cfg, rt)
     tokenizer = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
-    return Run(cfg, rt, autocast(rt.device, amp_dtype), raw_model, wrap_model(raw_model, rt, amp_dtype, compile_model),
+    loss_model = objective.module(raw_model, cfg)
+    return Run(cfg, rt, autocast(rt.device, amp_dtype), raw_model, wrap_model(loss_model, rt, amp_dtype, compile_model),
                optimizer, scaler, state, budget, Tracker(cfg, out_dir, state.step if resume_from else None, rt.master),
                train_ds, val_loader, text_chars(val_loader, tokenizer, rt) if cfg.kind == "pretrain" else None,
-               evals or {}, global_batch, start_time)
+               evals or {}, global_batch, start_time, objective, loss_model)
 
 
 def validate(run, tag) -> dict:
     """Validation (all ranks), then the extra evals (rank 0), logged at the current step."""
     started = time.time()
-    result = evaluate(run.raw_model, run.val_loader, run.rt, run.amp, run.val_chars)
+    result = evaluate(run.loss_model, run.val_loader, run.rt, run.amp, run.val_chars, run.objective.units)
     if run.rt.master and run.evals:
         run.raw_model.eval()
         result.update({name: fn(run.raw_model) for name, fn in run.evals.items()})
@@ -431,10 +493,11 @@ def plan_steps(run, bar):
             f"-> {run.state.total_steps} steps")
 
 
-def train(cfg: TrainConfig, gpu_ids=None, evals=None):
+def train(cfg: TrainConfig, gpu_ids=None, evals=None, objective=None):
     """Run the training described by cfg. `evals` maps a name to fn(model) -> float, measured on
-    rank 0 with each validation (e.g. sft.py's sentiment accuracy)."""
-    run = prepare(cfg, gpu_ids, evals, time.time())
+    rank 0 with each validation (e.g. sft.py's sentiment accuracy); `objective` replaces next-token
+    prediction (dpo.py)."""
+    run = prepare(cfg, gpu_ids, evals, time.time(), objective)
     rt, state, budget = run.rt, run.state, run.budget
     first_step = state.step
     bar = tqdm(total=state.total_steps if state.planned else None, initial=state.step, unit="step",
@@ -457,7 +520,7 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
         lr = state.lr(cfg)
         try:
             loss, n_real, grad_norm = train_step(run.model, run.optimizer, run.scaler, micro_batches, lr, cfg, rt,
-                                                 run.amp)
+                                                 run.amp, run.objective.units)
         except torch.OutOfMemoryError:
             run.optimizer.zero_grad(set_to_none=True)
             out_of_memory(cfg, rt, state, first_step)
@@ -511,9 +574,9 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None):
     return {"before": before, "after": after, "steps": state.step}
 
 
-def main(description, defaults, embedded, evals_for=None, argv=None):
-    """The whole command line of pretrain.py / sft.py: parse, relaunch for --gpus, train."""
+def main(description, defaults, embedded, evals_for=None, argv=None, objective=None):
+    """The whole command line of pretrain.py / sft.py / dpo.py: parse, relaunch for --gpus, train."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(argv, description, defaults, embedded)
     gpu_ids = relaunch_for_gpus(cfg, argv)
-    return train(cfg, gpu_ids, evals_for(cfg) if evals_for else None)
+    return train(cfg, gpu_ids, evals_for(cfg) if evals_for else None, objective)

@@ -21,6 +21,11 @@ import corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "tokenizer_k"
+# the flags of a tiny training run in the test process (test_lora.py, test_dpo.py)
+TINY_RUN = ["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1", "--max_seq_len", "48",
+            "--batch_size", "4", "--accumulation_steps", "1", "--learning_rate", "1e-2", "--num_workers", "0",
+            "--device", "cpu", "--dtype", "float32", "--log_interval", "1", "--eval_batches", "2",
+            "--tokenizer_dir", str(TOKENIZER_DIR)]
 
 
 def write_jsonl(path, records):

@@ -1,0 +1,127 @@
+"""
+Direct Preference Optimization (Rafailov et al. 2023): learn from pairs of a chosen and a rejected
+reply to the same prompt, with no reward model and no sampling (trainer.py holds the loop).
+
+    python dpo.py                                    # the embedded default: sentiment pairs, from out/sft
+    python dpo.py --data_path dpo.jsonl --init_from out/sft --beta 0.1
+    python dpo.py --lora_rank 8                      # adapters only; the reference is the base itself
+
+The policy pi starts as the --init_from model and a frozen copy of it is the reference pi_ref. For
+a prompt x with a chosen reply y_w and a rejected reply y_l the loss is
+
+    -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))))
+
+with log pi(y|x) summed over the reply's tokens: the spans SFT trains (each assistant reply with
+its closing <|im_end|>). beta * (log pi - log pi_ref) is a reply's implicit reward; the loss pushes
+the chosen reply's above the rejected one's, and a larger beta keeps the policy closer to the
+reference. At step 0 pi = pi_ref, every margin is 0 and the loss is log 2 = 0.693.
+With --lora_rank the reference is the policy with its adapters switched off: no second copy.
+
+Data, one JSON object per line: {"prompt", "chosen", "rejected"} (strings or message lists) or
+minimind's {"chosen": [messages], "rejected": [messages]} (its dpo.jsonl); bad lines are skipped
+and counted. The embedded default makes pairs of the embedded sentiment questions: chosen = the
+labelled sentiment, rejected = the opposite; the held-out pairs come from the sentiment test split.
+
+Each validation reports, on the held-out pairs: val_loss (the DPO loss), val_pref_acc (the share of
+pairs whose chosen reply the policy finds more likely than the rejected one), val_reward_margin,
+val_chosen_logp and val_rejected_logp (means over the pairs); the embedded run also reports sft.py's
+sentiment accuracy.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import checkpoint
+import lora
+import sft
+from dataset import load_pair_datasets
+from trainer import Objective, main
+
+DEFAULTS = dict(kind="dpo", out_dir="out/dpo", learning_rate=1e-5,
+                init_from="out/sft" if checkpoint.latest_checkpoint("out/sft") else None)
+
+# The embedded default, for a 2-core CPU and ~3 minutes (figures in bench/RESULTS.md). A step
+# computes 2 x batch_size sequences twice (policy and reference): micro-batches of 4 pairs. Each
+# validation reads all 500 held-out pairs (125 batches of 4).
+EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-4, warmup_iters=10, time_limit=180,
+                epochs=100, eval_interval=100, eval_batches=125, log_interval=10, save_interval=200,
+                num_workers=0)
+
+
+def sequence_logps(model, x, y, mask):
+    """log pi(y|x) of each row [N]: the log-probabilities of the targets y where mask is 1, summed."""
+    logits, _ = model(x)
+    token_logps = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return (token_logps * mask).sum(-1)
+
+
+class DPOLoss(nn.Module):
+    """The DPO loss of a policy against a frozen reference (None: the policy with its LoRA adapters off)."""
+
+    def __init__(self, policy, reference, beta):
+        super().__init__()
+        self.policy, self.reference, self.beta = policy, reference, beta
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.reference is not None:  # the reference never drops out
+            self.reference.eval()
+        return self
+
+    def forward(self, x, y, mask, reduction="sum"):
+        """x, y, mask: [B, 2L], each row a pair [chosen | rejected] (dataset.PairDataset). Returns
+        (the sums over the pairs of the metrics reported at validation, the loss summed over the pairs
+        or, with reduction="mean", their mean)."""
+        pairs, half = x.shape[0], x.shape[1] // 2
+        # -> [2B, L]: chosen 0, rejected 0, chosen 1, ...; columns after the last trained target change nothing
+        x, y, mask = (t.reshape(2 * pairs, half) for t in (x, y, mask))
+        width = int(mask.any(0).nonzero().max()) + 1
+        x, y, mask = x[:, :width], y[:, :width], mask[:, :width]
+        logps = sequence_logps(self.policy, x, y, mask)
+        with torch.no_grad():
+            if self.reference is None:
+                with lora.adapters_disabled(self.policy):
+                    ref_logps = sequence_logps(self.policy, x, y, mask)
+            else:
+                ref_logps = sequence_logps(self.reference, x, y, mask)
+        logratios = logps - ref_logps  # the implicit rewards, over beta
+        margins = self.beta * (logratios[0::2] - logratios[1::2])
+        losses = -F.logsigmoid(margins)
+        chosen, rejected = logps.detach()[0::2], logps.detach()[1::2]
+        metrics = {"pref_acc": (chosen > rejected).sum(), "reward_margin": margins.detach().sum(),
+                   "chosen_logp": chosen.sum(), "rejected_logp": rejected.sum()}
+        return metrics, losses.sum() if reduction == "sum" else losses.mean()
+
+
+class DPO(Objective):
+    """DPO on the shared loop: preference pairs, the loss against the reference, one unit per pair."""
+
+    def datasets(self, cfg, rt):
+        return load_pair_datasets(cfg, rt)
+
+    def module(self, model, cfg):
+        if lora.has_adapters(model):
+            return DPOLoss(model, None, cfg.beta)
+        start = cfg.init_from
+        if cfg.resume:  # the reference is the model the run started from, saved with its config
+            start = checkpoint.load_train_state(checkpoint.latest_checkpoint(cfg.out_dir))["config"]["init_from"]
+        ckpt = checkpoint.latest_checkpoint(start)
+        if ckpt is None:
+            raise SystemExit(f"dpo.py: the reference model {start} (the run's --init_from) is gone; put it back")
+        reference = checkpoint.build_model(cfg.model_type, **cfg.model_config())
+        try:
+            checkpoint.load_weights(reference, ckpt)
+        except ValueError as e:
+            raise SystemExit(f"dpo.py: the reference {e}") from None
+        return DPOLoss(model, reference.to(next(model.parameters()).device), cfg.beta)
+
+    @staticmethod
+    def units(loss_mask):
+        return loss_mask.shape[0]  # the pairs
+
+
+if __name__ == "__main__":
+    main(__doc__, DEFAULTS, EMBEDDED, sft.evals_for, objective=DPO())
