@@ -18,15 +18,9 @@ POST /v1/completions (raw continuation after <s>, as pretraining saw text); GET 
 Sampling: temperature (default 1, 0 is greedy), top_p, max_tokens, stop (up to 4 strings), seed,
 and, as in vLLM, top_k and repetition_penalty. `stream: true` answers with server-sent events.
 
-Continuous batching. One scheduler thread owns the model and a KV cache of --max_batch rows; each
-row holds its own sequence (generation.KVCache), so rows are filled and freed independently. Every
-iteration it (1) prefills the prompts of waiting requests into free rows, (2) samples one token for
-each busy row with that request's own settings and generator, (3) frees the rows that ended (stop
-token, stop string, max_tokens, client gone) and (4) runs one decoding step for all rows at once.
-A request thus joins the running batch at the next step and leaves it the step it ends: 32 clients
-share each step's matrix products instead of queueing behind one another. A row whose context is
-full is refilled with its last max_seq_len // 2 tokens, as generation.decode does, so greedy
-output is the same as model.generate's for that prompt alone.
+Continuous batching (engine.py): one scheduler thread owns the model and a KV cache of --max_batch
+rows; a request joins the running batch at the next decoding step and leaves it the step it ends,
+so concurrent clients share each step's matrix products instead of queueing behind one another.
 
 The HTTP side (FastAPI on uvicorn's event loop) validates, tokenises, queues and relays: each
 request reads its text from an asyncio queue that the scheduler thread feeds.
@@ -45,11 +39,8 @@ import copy
 import hmac
 import json
 import os
-import threading
 import time
-import traceback
 import uuid
-from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -63,8 +54,8 @@ from starlette.exceptions import HTTPException
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from export_hf import from_hf_llama
-from generation import DecodeStep, apply_repetition_penalty, check_sampling, decode_step, prefill, sample_next
-from model_sample import DTYPES, StreamDecoder, TextGenerator, device_and_dtype, encode_chat
+from engine import Generation, QueueFull, Scheduler
+from model_sample import DTYPES, TextGenerator, device_and_dtype, encode_chat
 
 CHAT_PAGE = Path(__file__).resolve().with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20
@@ -97,214 +88,6 @@ def load_for_serving(source, tokenizer_dir=None, device=None, dtype=None, model_
         raise ValueError(f"tokenizer of {tokenizer_dir or path} has {len(tokenizer)} tokens but the model's vocab_size "
                          f"is {model.config.vocab_size}: pass the tokenizer it was trained with")
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
-
-# -----------------------------------------------------------------------------
-# one request being decoded
-
-
-def held_back(text, stops) -> int:
-    """How many characters at the end of text could be the start of a stop string: they are
-    released only once the next tokens show they are not."""
-    return max((k for s in stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
-
-
-class Generation:
-    """A request's prompt, settings and text so far. `emit` (thread-safe) receives ("text", delta)
-    events, then one ("done", finish_reason) or ("error", message)."""
-
-    def __init__(self, prompt, tokenizer, stop_ids, emit, max_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop=(), seed=None, device="cpu"):
-        check_sampling(temperature, top_k, top_p, repetition_penalty)
-        self.prompt, self.stop_ids, self.emit, self.max_tokens = list(prompt), set(stop_ids), emit, max_tokens
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.repetition_penalty, self.stop = repetition_penalty, list(stop)
-        self.generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        self.decoder = StreamDecoder(tokenizer)
-        self.tokens = []  # generated, stop token excluded
-        self.sent = 0  # characters of the text already emitted
-        self.cancelled = False  # set by the HTTP side; the scheduler frees the row at its next step
-        self.finish_reason = None
-
-    @property
-    def greedy(self):
-        return self.temperature == 0 and self.repetition_penalty == 1.0
-
-    def accept(self, token) -> str | None:
-        """Take the sampled token; the finish reason if the generation ends here."""
-        if token in self.stop_ids:
-            self._release(len(self.decoder.text))
-            return "stop"
-        self.tokens.append(token)
-        self.decoder.push(token)
-        text = self.decoder.text
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self._release(min(hits))
-            return "stop"
-        if len(self.tokens) >= self.max_tokens:
-            self._release(len(text))
-            return "length"
-        self._release(len(text) - held_back(text, self.stop))
-        return None
-
-    def _release(self, end):
-        if end > self.sent:
-            self.emit(("text", self.decoder.text[self.sent:end]))
-            self.sent = end
-
-    def finish(self, reason):
-        self.finish_reason = reason
-        self.emit(("error", "the server failed while decoding this request") if reason == "error" else ("done", reason))
-
-# -----------------------------------------------------------------------------
-# the scheduler: one thread, one KV cache, continuous batching
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Scheduler:
-    def __init__(self, model, max_batch=32, max_queue=64, captured=None):
-        """captured: replay the decoding step as a CUDA graph over a static cache (default: on CUDA)."""
-        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
-        self.max_len = model.config.max_seq_len
-        self.device = next(model.parameters()).device
-        captured = self.device.type == "cuda" if captured is None else captured
-        with torch.inference_mode():
-            self.cache = model.new_cache(max_batch, static=captured)
-            # one captured step per batch size 1, 2, 4, ... max_batch, each over the first rows
-            sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
-            self.captured = {n: DecodeStep(model, self.cache.rows(0, n)) for n in sizes} if captured else None
-            self.logits = torch.zeros(max_batch, model.config.vocab_size, device=self.device)
-            self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=self.device)
-        self.slots = [None] * max_batch  # the Generation decoded in each cache row
-        self.waiting = deque()
-        self.n_busy = 0  # rows holding a generation; with `waiting`, guarded by `lock`
-        self.lock = threading.Condition()
-        self.closed = False
-        self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self.thread.start()
-
-    def submit(self, generation):
-        """Queue a generation; QueueFull when more would wait than max_queue once every free row is taken."""
-        with self.lock:
-            if self.closed or len(self.waiting) >= self.max_queue + self.max_batch - self.n_busy:
-                raise QueueFull
-            self.waiting.append(generation)
-            self.lock.notify()
-
-    def cancel(self, generation):
-        """Stop a generation: out of the queue now, out of its row at the next step."""
-        generation.cancelled = True
-        with self.lock:
-            if generation in self.waiting:
-                self.waiting.remove(generation)
-
-    def close(self):
-        with self.lock:
-            self.closed = True
-            self.lock.notify()
-        self.thread.join()
-        for g in [*self.waiting, *filter(None, self.slots)]:
-            g.finish("error")
-
-    @torch.inference_mode()
-    def _run(self):
-        while True:
-            with self.lock:
-                while not (self.closed or self.waiting or self.n_busy):
-                    self.lock.wait()
-                if self.closed:
-                    return
-                joining = []
-                for b in range(self.max_batch):
-                    if self.slots[b] is None and self.waiting:
-                        self.slots[b] = self.waiting.popleft()
-                        self.n_busy += 1
-                        joining.append(b)
-            try:
-                self._fill_rows(joining, [self.slots[b].prompt for b in joining])
-                self._step()
-            except Exception:  # the server lives on: fail what was in flight, log the cause here only
-                traceback.print_exc()
-                for b, g in enumerate(self.slots):
-                    if g is not None:
-                        self._free(b, "error")
-
-    def _fill_rows(self, rows, prompts):
-        """Prefill each of rows (ascending) with its prompt (a new request's, or the tail of a row
-        whose context is full). Adjacent rows go through the model as one right-padded batch."""
-        start = 0
-        for i in range(1, len(rows) + 1):
-            if i == len(rows) or rows[i] != rows[i - 1] + 1:
-                first, last = rows[start], rows[i - 1] + 1
-                view = self.cache.rows(first, last)
-                view.lengths.zero_()
-                self.logits[first:last] = prefill(self.model, view, prompts[start:i])
-                start = i
-        for b, ids in zip(rows, prompts):
-            self.seen[b] = False
-            self.seen[b, ids] = True
-
-    def _free(self, b, reason):
-        g = self.slots[b]
-        self.cache.lengths[b] = 0  # a free row's stale length would widen every step's attention span
-        with self.lock:
-            self.slots[b] = None
-            self.n_busy -= 1
-        g.finish(reason)
-
-    def step(self, tokens, n):
-        """Logits [n, V] of one decoding step over the first n rows (the ones in use: a request
-        takes the lowest free row, so few requests make a small batch)."""
-        if self.captured is None:
-            return decode_step(self.model, self.cache.rows(0, n), tokens[:n])
-        size = min(size for size in self.captured if size >= n)
-        return self.captured[size](tokens[:size])[:n]
-
-    def _step(self):
-        for b, g in enumerate(self.slots):
-            if g is not None and g.cancelled:
-                self._free(b, "cancelled")
-        busy = [(b, g) for b, g in enumerate(self.slots) if g is not None]
-        if not busy:
-            return
-        tokens = self._sample(busy)
-        rows = torch.tensor([b for b, _ in busy], device=self.device)
-        self.seen[rows, tokens[rows]] = True
-        for (b, g), token in zip(busy, tokens[rows].tolist()):
-            reason = g.accept(token)
-            if reason:
-                self._free(b, reason)
-        going = [b for b, _ in busy if self.slots[b] is not None]
-        if not going:
-            return
-        lengths = self.cache.lengths.tolist()
-        full = [b for b in going if lengths[b] == self.max_len]
-        advance = torch.zeros(self.max_batch, dtype=torch.long)
-        advance[[b for b in going if lengths[b] < self.max_len]] = 1
-        # the rows up to the last one in use run (a free one among them on token 0, writing a slot
-        # that its next prefill overwrites); only the rows still decoding move on
-        n = going[-1] + 1
-        self.logits[:n] = self.step(tokens, n)
-        self.cache.advance(advance.to(self.device))
-        self._fill_rows(full, [(self.slots[b].prompt + self.slots[b].tokens)[-(self.max_len // 2):] for b in full])
-
-    def _sample(self, busy):
-        """One token per row [max_batch] (0 in free rows): greedy rows by one argmax, the others row
-        by row with their own settings and generator."""
-        tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        greedy = [b for b, g in busy if g.greedy]
-        if greedy:
-            tokens[greedy] = self.logits[greedy].argmax(-1)
-        for b, g in busy:
-            if not g.greedy:
-                logits = self.logits[b:b + 1]
-                if g.repetition_penalty != 1.0:
-                    logits = apply_repetition_penalty(logits, self.seen[b:b + 1], g.repetition_penalty)
-                tokens[b] = sample_next(logits, g.temperature, g.top_k, g.top_p, g.generator)[0]
-        return tokens
 
 # -----------------------------------------------------------------------------
 # the API's request bodies
@@ -388,9 +171,135 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def check_key(request, api_key):
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+async def read_body(request, schema):
+    """The request's JSON body validated against schema, read no further than MAX_BODY_BYTES."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body of {declared} bytes: at most {MAX_BODY_BYTES}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        return schema.model_validate_json(bytes(body))
+    except ValidationError as e:
+        error = e.errors()[0]
+        if error["type"] == "json_invalid":
+            raise ApiError(400, f"the body is not valid JSON: {error['msg']}") from None
+        param = ".".join(map(str, error["loc"])) or None
+        raise ApiError(400, f"{param or 'body'}: {error['msg']}", param=param) from None
+
+
+def start(scheduler, tokenizer, req, prompt, stop_ids):
+    """Validate the settings and queue the generation: (generation, the asyncio queue of its events).
+    tokenizer: the scheduler thread's own copy (see create_app)."""
+    max_len = scheduler.max_len
+    if len(prompt) > max_len - 1:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens but the model's context is {max_len}: "
+                       f"at most {max_len - 1} leave room for one new token", code="context_length_exceeded")
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or min(DEFAULT_MAX_TOKENS, max_len)
+    if max_tokens > max_len:
+        raise ApiError(400, f"max_tokens={max_tokens}: at most {max_len} (the model's context)", param="max_tokens")
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def emit(event):  # from the scheduler thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    try:
+        g = Generation(prompt, tokenizer, stop_ids, emit, max_tokens,
+                       temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
+                       top_p=req.top_p, repetition_penalty=req.repetition_penalty or 1.0, stop=stop,
+                       seed=req.seed, device=scheduler.device)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    try:
+        scheduler.submit(g)
+    except QueueFull:
+        raise ApiError(429, f"the server is busy ({scheduler.max_batch} requests decoding, "
+                       f"{scheduler.max_queue} waiting): retry later", type="rate_limit_error",
+                       code="queue_full") from None
+    return g, events
+
+
+def usage(g):
+    return {"prompt_tokens": len(g.prompt), "completion_tokens": len(g.tokens),
+            "total_tokens": len(g.prompt) + len(g.tokens)}
+
+
+def chunk(head, kind, text=None, finish_reason=None):
+    """One streamed piece of the answer: new text, or the finish reason."""
+    if kind == "text_completion":
+        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish_reason,
+                  "logprobs": None}
+    return sse({**head, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "choices": [choice]})
+
+
+async def stream_answer(head, kind, req, g, events):
+    """The server-sent events of a streamed answer: (the role,) the text as it comes, the finish
+    reason, (the usage,) then [DONE]."""
+    if kind == "chat.completion":
+        yield sse({**head, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
+    while True:
+        event, value = await events.get()
+        if event == "text":
+            yield chunk(head, kind, value)
+        elif event == "error":
+            yield sse(ApiError(500, value, type="server_error").body)
+            break
+        else:
+            yield chunk(head, kind, finish_reason=value)
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse({**head, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "choices": [],
+                           "usage": usage(g)})
+            break
+    yield "data: [DONE]\n\n"
+
+
+async def whole_answer(request, head, kind, scheduler, g, events):
+    """The answer as one object, once the generation has finished (None if the client left)."""
+    parts = []
+    try:
+        while True:
+            try:
+                event, value = await asyncio.wait_for(events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if event == "error":
+                raise ApiError(500, value, type="server_error")
+            if event == "done":
+                break
+            parts.append(value)
+    finally:
+        scheduler.cancel(g)  # no-op once finished; frees the row if the client left
+    text = "".join(parts)
+    answer = {"index": 0, "finish_reason": value, "logprobs": None}
+    if kind == "chat.completion":
+        answer["message"] = {"role": "assistant", "content": text}
+    else:
+        answer["text"] = text
+    return {**head, "object": kind, "choices": [answer], "usage": usage(g)}
+
+
 def create_app(scheduler, tokenizer, model_name, api_key=None) -> FastAPI:
     app = FastAPI(title="k-model", docs_url=None, redoc_url=None, openapi_url=None)  # the docs page needs a CDN
-    max_len = scheduler.max_len
     chat_stop_ids = (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
     # the scheduler thread decodes with its own copy: a fast tokenizer is one Rust object behind a
     # borrow flag, and some transformers versions reconfigure it on every encode, so an encode here
@@ -410,126 +319,14 @@ def create_app(scheduler, tokenizer, model_name, api_key=None) -> FastAPI:
     async def internal_error(request, e):  # the traceback goes to the server's log (uvicorn), not to the client
         return error_response(ApiError(500, "internal server error", type="server_error"))
 
-    def check_key(request):
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    async def read_body(request, schema):
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body of {declared} bytes: at most {MAX_BODY_BYTES}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        try:
-            return schema.model_validate_json(bytes(body))
-        except ValidationError as e:
-            error = e.errors()[0]
-            if error["type"] == "json_invalid":
-                raise ApiError(400, f"the body is not valid JSON: {error['msg']}") from None
-            param = ".".join(map(str, error["loc"])) or None
-            raise ApiError(400, f"{param or 'body'}: {error['msg']}", param=param) from None
-
-    def start(req, prompt, stop_ids):
-        """Validate the settings, queue the generation; (generation, its event queue)."""
-        if len(prompt) > max_len - 1:
-            raise ApiError(400, f"the prompt is {len(prompt)} tokens but the model's context is {max_len}: "
-                           f"at most {max_len - 1} leave room for one new token", code="context_length_exceeded")
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or min(DEFAULT_MAX_TOKENS, max_len)
-        if max_tokens > max_len:
-            raise ApiError(400, f"max_tokens={max_tokens}: at most {max_len} (the model's context)", param="max_tokens")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event):  # from the scheduler thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        try:
-            g = Generation(prompt, decoding_tokenizer, stop_ids, emit, max_tokens,
-                           temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
-                           top_p=req.top_p, repetition_penalty=req.repetition_penalty or 1.0, stop=stop,
-                           seed=req.seed, device=scheduler.device)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        try:
-            scheduler.submit(g)
-        except QueueFull:
-            raise ApiError(429, f"the server is busy ({scheduler.max_batch} requests decoding, "
-                           f"{scheduler.max_queue} waiting): retry later", type="rate_limit_error",
-                           code="queue_full") from None
-        return g, events
-
-    def usage(g):
-        return {"prompt_tokens": len(g.prompt), "completion_tokens": len(g.tokens),
-                "total_tokens": len(g.prompt) + len(g.tokens)}
-
-    async def respond(request, req, g, events, kind):
-        """The answer: one object, or a stream of chunks. kind: "chat.completion" or "text_completion"."""
+    async def respond(request, req, prompt, stop_ids, kind):
+        """Queue the generation; answer with one object, or a stream of chunks."""
+        g, events = start(scheduler, decoding_tokenizer, req, prompt, stop_ids)
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": model_name}
-
-        def chunk(text=None, finish_reason=None):
-            if kind == "text_completion":
-                choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "delta": {} if text is None else {"content": text},
-                          "finish_reason": finish_reason, "logprobs": None}
-            return sse({**head, "object": chunk_kind, "choices": [choice]})
-
         if req.stream:
-            chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
-
-            async def stream():
-                if kind == "chat.completion":
-                    yield sse({**head, "object": chunk_kind, "choices": [
-                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                         "logprobs": None}]})
-                while True:
-                    event, value = await events.get()
-                    if event == "text":
-                        yield chunk(value)
-                    elif event == "error":
-                        yield sse(ApiError(500, value, type="server_error").body)
-                        break
-                    else:
-                        yield chunk(finish_reason=value)
-                        if req.stream_options and req.stream_options.include_usage:
-                            yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(g)})
-                        break
-                yield "data: [DONE]\n\n"
-            return EventStream(stream(), on_close=partial(scheduler.cancel, g))
-
-        parts = []
-        try:
-            while True:
-                try:
-                    event, value = await asyncio.wait_for(events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
-                if event == "error":
-                    raise ApiError(500, value, type="server_error")
-                if event == "done":
-                    break
-                parts.append(value)
-        finally:
-            scheduler.cancel(g)  # no-op once finished; frees the row if the client left
-        text = "".join(parts)
-        answer = {"index": 0, "finish_reason": value, "logprobs": None}
-        if kind == "chat.completion":
-            answer["message"] = {"role": "assistant", "content": text}
-        else:
-            answer["text"] = text
-        return {**head, "object": kind, "choices": [answer], "usage": usage(g)}
+            return EventStream(stream_answer(head, kind, req, g, events), on_close=partial(scheduler.cancel, g))
+        return await whole_answer(request, head, kind, scheduler, g, events)
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
@@ -539,27 +336,26 @@ def create_app(scheduler, tokenizer, model_name, api_key=None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "k-model", "max_model_len": max_len}]}
+                                            "owned_by": "k-model", "max_model_len": scheduler.max_len}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         req = await read_body(request, ChatRequest)
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                      else "".join(part.text for part in m.content)} for m in req.messages]
-        g, events = start(req, encode_chat(tokenizer, messages), chat_stop_ids)
-        return await respond(request, req, g, events, "chat.completion")
+        return await respond(request, req, encode_chat(tokenizer, messages), chat_stop_ids, "chat.completion")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         req = await read_body(request, CompletionRequest)
         text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         # [<s>] + text, as pretraining documents began; a document ends at </s>
-        g, events = start(req, [tokenizer.bos_token_id] + tokenizer.encode(text), (tokenizer.eos_token_id,))
-        return await respond(request, req, g, events, "text_completion")
+        prompt = [tokenizer.bos_token_id] + tokenizer.encode(text)
+        return await respond(request, req, prompt, (tokenizer.eos_token_id,), "text_completion")
 
     return app
 

@@ -7,7 +7,7 @@ with the GPU side replaced.
 
 1. Captured decoding (a CUDA graph replayed per token over a static KV cache) gives the eager
    loop's greedy tokens: fp32 and bf16, prompts of different lengths, past the context.
-2. serve.Scheduler (continuous batching, captured steps) gives model.generate's tokens on CUDA.
+2. engine.Scheduler (serve.py's continuous batching, captured steps) gives model.generate's tokens on CUDA.
 3. A compiled 215M run with --time_limit 90 (the defaults on CUDA: compile on, bf16): the plan is
    made after compilation, the run takes its planned steps and ends inside the limit.
 """
@@ -54,15 +54,15 @@ def check_captured_decoding():
 
 
 def check_serving():
-    import serve  # fastapi and uvicorn must be importable (carried as wheels on a bare GPU machine)
+    import engine  # serve.py's scheduler; needs no web framework
     from transformers import PreTrainedTokenizerFast
     tokenizer = PreTrainedTokenizerFast.from_pretrained(REPO / "tokenizer_k")
     model = decisive_model(torch.float32, max_seq_len=128)
     prompts = [[1] + list(range(5, 5 + n)) for n in (3, 17, 60, 100, 40, 9)]
     for settings in (dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=7)):
-        scheduler = serve.Scheduler(model, max_batch=32)
+        scheduler = engine.Scheduler(model, max_batch=32)
         done = [threading.Event() for _ in prompts]
-        requests = [serve.Generation(p, tokenizer, (2,), lambda event, d=d: event[0] != "text" and d.set(), 60,
+        requests = [engine.Generation(p, tokenizer, (2,), lambda event, d=d: event[0] != "text" and d.set(), 60,
                                      device="cuda", **settings) for p, d in zip(prompts, done)]
         for r in requests:
             scheduler.submit(r)
@@ -73,7 +73,7 @@ def check_serving():
                                    generator=torch.Generator("cuda").manual_seed(7) if "seed" in settings else None)[0]
                     for p in prompts]
         same = [r.tokens == e for r, e in zip(requests, expected)]
-        report(f"serve.Scheduler on CUDA, {settings}", finished and all(same), f"{sum(same)}/{len(same)} requests equal")
+        report(f"engine.Scheduler on CUDA, {settings}", finished and all(same), f"{sum(same)}/{len(same)} requests equal")
 
 
 def check_compiled_time_limit():

@@ -24,7 +24,8 @@ from corpus import DEFAULT_SYSTEM
 from export_hf import to_hf_llama
 from k_model import ModelConfig, Transformer
 from model_sample import encode_chat
-from serve import Scheduler, create_app, load_for_serving
+from engine import Generation, Scheduler
+from serve import create_app, load_for_serving
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; playwright's own browser download cannot run here
@@ -391,7 +392,7 @@ def test_scheduler_alone_matches_generate(served, device):
     assert (scheduler.captured is not None) == (device == "cuda")
     prompts = [[1] + list(range(5, 5 + n)) for n in (3, 17, 60, 100)]  # the last two outgrow the context
     done = [threading.Event() for _ in prompts]
-    generations = [serve.Generation(p, tokenizer, DOC_STOP, lambda event, d=d: event[0] != "text" and d.set(),
+    generations = [Generation(p, tokenizer, DOC_STOP, lambda event, d=d: event[0] != "text" and d.set(),
                                     max_tokens=60, temperature=0, device=device) for p, d in zip(prompts, done)]
     try:
         for g in generations:
