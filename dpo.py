@@ -28,14 +28,20 @@ val_chosen_logp and val_rejected_logp (means over the pairs); the embedded run a
 sentiment accuracy.
 """
 
+import hashlib
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import corpus
 import lora
 import sft
-from dataset import load_pair_datasets
+from dataset import PAD_ID, Holdout, SFTDataset, TokenStore, build_store
+from runtime import local_rank_zero_first
 from trainer import Objective, main
 
 DEFAULTS = dict(kind="dpo", out_dir="out/dpo", learning_rate=1e-5,
@@ -47,6 +53,109 @@ DEFAULTS = dict(kind="dpo", out_dir="out/dpo", learning_rate=1e-5,
 EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-4, warmup_iters=10, time_limit=180,
                 epochs=100, eval_interval=100, eval_batches=125, log_interval=10, save_interval=200,
                 num_workers=0)
+
+
+# -----------------------------------------------------------------------------
+# the data: preference pairs, a chosen and a rejected reply to the same prompt
+
+
+def _preference_pair(rec):
+    """One raw preference record -> (chosen messages, rejected messages), each starting with a system
+    message. Accepted: {"prompt", "chosen", "rejected"} whose parts are strings or message lists (trl's
+    form), and minimind's {"chosen": [messages], "rejected": [messages]}. Raises corpus.BadRecord."""
+    if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
+        raise corpus.BadRecord("not a preference pair")
+    prompt = rec.get("prompt", [])
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    sides = []
+    for reply in (rec["chosen"], rec["rejected"]):
+        reply = [{"role": "assistant", "content": reply}] if isinstance(reply, str) else reply
+        if not isinstance(prompt, list) or not isinstance(reply, list):
+            raise corpus.BadRecord("bad message")
+        sides.append(corpus.to_messages(prompt + reply))
+    chosen, rejected = sides
+    if chosen[:-1] != rejected[:-1]:
+        raise corpus.BadRecord("chosen and rejected answer different prompts")
+    if chosen == rejected:
+        raise corpus.BadRecord("identical replies")
+    return chosen, rejected
+
+
+def iter_preference_pairs(path, stats=None, progress=False):
+    """(chosen, rejected) conversations of a preference file; bad lines are skipped and counted."""
+    hint = 'JSON Lines of preference pairs: {"prompt", "chosen", "rejected"} or {"chosen": [...], "rejected": [...]}'
+    return corpus._read_records(path, lambda line: _preference_pair(corpus._json(line)), hint, stats, progress)
+
+
+def sentiment_pairs(path, stats=None, progress=False):
+    """Preference pairs from the embedded sentiment questions: chosen = the label, rejected = the other."""
+    for messages in corpus.iter_conversations(path, stats, progress):
+        label = messages[-1]["content"]
+        if label in corpus.LABELS:
+            other = corpus.LABELS[1 - corpus.LABELS.index(label)]
+            yield messages, messages[:-1] + [{"role": "assistant", "content": other}]
+
+
+def build_pair_store(path, tokenizer_dir, cache_dir="data/cache", pairs=iter_preference_pairs) -> TokenStore:
+    """The token store of the pairs of `path`: document 2i is pair i's chosen conversation, 2i+1 its
+    rejected one. The pairs are written once, as conversations, to a file under cache_dir (rewritten
+    when `path` is newer), which build_store tokenises as SFT data: the same trained spans."""
+    path = Path(path)
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    flat = Path(cache_dir) / f"{path.stem}-{pairs.__name__}-{key}.jsonl"
+    if not flat.is_file() or flat.stat().st_mtime_ns < path.stat().st_mtime_ns:
+        flat.parent.mkdir(parents=True, exist_ok=True)
+        corpus._write_jsonl(flat, (side for pair in pairs(path, progress=True) for side in pair))
+    return build_store(flat, tokenizer_dir, "sft", cache_dir)
+
+
+class PairDataset(SFTDataset):
+    """Preference pairs, one sample per pair: X, Y and loss_mask are each [chosen | rejected], both
+    halves cut like SFTDataset's samples and padded to max_seq_len, so every sample has 2 * max_seq_len
+    columns and a batch keeps its pairs whole (DPOLoss splits the halves again). A pair either of whose
+    replies starts beyond the cut is left out."""
+
+    def __init__(self, store: TokenStore, max_seq_len):
+        super().__init__(store, max_seq_len)
+        kept = np.zeros(len(store), dtype=bool)
+        kept[self.documents] = True
+        rows = np.cumsum(kept) - 1  # document d is self.documents[rows[d]] where kept
+        pairs = np.flatnonzero(kept[0:len(store) - 1:2] & kept[1:len(store):2])
+        self.rows = np.stack([rows[2 * pairs], rows[2 * pairs + 1]], axis=1)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        sample = torch.full((3, 2 * self.seq_len), PAD_ID, dtype=torch.long)
+        for half, row in enumerate(self.rows[i]):
+            start = half * self.seq_len
+            for part, tensor in enumerate(super().__getitem__(row)):
+                sample[part, start:start + len(tensor)] = tensor
+        return sample[0], sample[1], sample[2]
+
+
+def load_pair_datasets(cfg, rt):
+    """(train, validation) PairDatasets: the embedded sentiment pairs, or a --data_path split by Holdout."""
+    with local_rank_zero_first(rt):
+        try:
+            if cfg.data_path is None:
+                paths = corpus.embedded_paths()
+                stores = [build_pair_store(paths[name], cfg.tokenizer_dir, cfg.cache_dir, sentiment_pairs)
+                          for name in ("sft_train", "sft_test")]
+            else:
+                stores = [build_pair_store(cfg.data_path, cfg.tokenizer_dir, cfg.cache_dir)]
+            data = [PairDataset(store, cfg.max_seq_len) for store in stores]
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+    if len(data) == 2:
+        return data[0], data[1]
+    k = max(2, round(1 / cfg.val_fraction))
+    return Holdout(data[0], k, validation=False), Holdout(data[0], k, validation=True)
+
+
+# -----------------------------------------------------------------------------
+# the loss
 
 
 def sequence_logps(model, x, y, mask):
@@ -72,7 +181,7 @@ class DPOLoss(nn.Module):
         return self
 
     def forward(self, x, y, mask, reduction="sum"):
-        """x, y, mask: [B, 2L], each row a pair [chosen | rejected] (dataset.PairDataset). Returns
+        """x, y, mask: [B, 2L], each row a pair [chosen | rejected] (PairDataset). Returns
         (the sums over the pairs of the metrics reported at validation, the loss summed over the pairs
         or, with reduction="mean", their mean)."""
         pairs, half = x.shape[0], x.shape[1] // 2

@@ -16,7 +16,8 @@ import corpus
 import dpo
 import lora
 import trainer
-from dataset import PairDataset, SFTDataset, build_pair_store, build_store, collate_batch, iter_preference_pairs
+from dataset import SFTDataset, build_store, collate_batch
+from dpo import PairDataset, build_pair_store, iter_preference_pairs
 from k_model import ModelConfig, Transformer
 
 from conftest import TINY_RUN, TOKENIZER_DIR as TOKENIZER, write_jsonl
