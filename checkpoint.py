@@ -291,6 +291,35 @@ def check_compatible(ckpt, wanted: dict, tokenizer_dir, what, ignore=()):
                              f"(token {token!r}: id {theirs.get(token)} there, {ours.get(token)} here); "
                              f"pass --tokenizer_dir {ckpt}")
 
+def load_start(raw_model, cfg, start, resumed):
+    """Load the weights a run starts from into raw_model: the checkpoint's, or a LoRA checkpoint's
+    base with its adapters merged. With --lora_rank the model is then frozen and adapted: fresh
+    adapters on the --init_from model, or, resuming, the run's own adapters on the base they name
+    (refused if that base's weights changed). The base is named in every checkpoint."""
+    try:
+        base = start
+        if resumed:  # a run goes on as it was: LoRA or not, with the same adapters
+            saved = lora.read_adapter_config(start) if is_lora(start) else None
+            theirs = (saved["rank"], saved["alpha"], set(saved["targets"]), saved["dropout"]) if saved else None
+            ours = ((cfg.lora_rank, cfg.lora_alpha, set(cfg.lora_targets.split(",")), cfg.lora_dropout)
+                    if cfg.lora_rank else None)
+            if theirs != ours:
+                flags = (f"--lora_rank {saved['rank']} --lora_alpha {saved['alpha']} --lora_targets "
+                         f"{','.join(saved['targets'])} --lora_dropout {saved['dropout']}" if saved else "no --lora_rank")
+                raise ValueError(f"{start}: the run was trained with {flags}; pass the same to resume it")
+            if saved:
+                base = lora_base(start)
+        load_weights(raw_model, base)
+        if cfg.lora_rank:
+            if resumed:
+                lora.load_adapters(raw_model, start)
+            else:
+                lora.add_lora(raw_model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout)
+            raw_model.adapter_base = (Path(base).resolve(), weights_sha256(base))  # see save_checkpoint
+    except ValueError as e:
+        raise SystemExit(f"{'--resume' if resumed else '--init_from'} {e}") from None
+
+
 # -----------------------------------------------------------------------------
 # random number generators, for exact resume
 

@@ -24,10 +24,10 @@ preference loss is another, on the same loop. With --lora_rank the model's weigh
 only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
 
 Where the rest lives: train_config.py (the flags), runtime.py (devices, DDP, mixed precision),
-dataset.py (the data and its loaders), checkpoint.py (saving, resuming, loading).
+dataset.py (the data and its loaders), checkpoint.py (saving, resuming, loading; the weights a run
+starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
 """
 
-import json
 import math
 import random
 import statistics
@@ -44,9 +44,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import checkpoint
-import lora
 from dataset import eval_loader, load_datasets, train_loader
 from runtime import Runtime, all_reduce, autocast, autocast_dtype, relaunch_for_gpus, setup_runtime, wrap_model
+from tracking import Tracker
 from train_config import TrainConfig, parse_config
 
 # -----------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def evaluate(model, loader, rt, amp, chars=None, units=Objective.units) -> dict:
     return result
 
 # -----------------------------------------------------------------------------
-# the state of a run, its time budget, its records
+# the state of a run and its time budget
 
 
 @dataclass
@@ -239,43 +239,6 @@ class TimeBudget:
         return time.time() + self.per_step() + due + self.eval_seconds + self.save_seconds > self.deadline
 
 
-class Tracker:
-    """metrics.jsonl (always) and SwanLab (--use_swanlab) on rank 0."""
-
-    def __init__(self, cfg, out_dir, resumed_step, master):
-        self.master, self.run = master, None
-        self.path = out_dir / "metrics.jsonl"
-        if not master:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resumed_step is not None and self.path.exists():
-            # drop the records a killed run wrote after its last checkpoint (and a half-written line)
-            keep = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["step"] <= resumed_step:
-                        keep.append(line + "\n")
-                except (json.JSONDecodeError, KeyError):
-                    pass
-            self.path.write_text("".join(keep), encoding="utf-8")
-        if cfg.use_swanlab and cfg.swanlab_mode != "disabled":
-            import swanlab  # imported only when used; the mode is always explicit, so it never asks to log in
-            mode = "online" if cfg.swanlab_mode == "cloud" else cfg.swanlab_mode
-            self.run = swanlab.init(project="k-model", name=f"{cfg.kind}-{out_dir.name}", mode=mode,
-                                    log_dir=str(out_dir / "swanlog"), config=asdict(cfg))
-
-    def log(self, record):
-        if not self.master:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def finish(self):
-        if self.run is not None:
-            self.run.finish()
-
 # -----------------------------------------------------------------------------
 # starting and resuming a run
 
@@ -333,34 +296,6 @@ def out_of_memory(cfg, rt, state, first_step):
     print(f"out of memory at the first step: retrying with --batch_size {cfg.batch_size} --accumulation_steps "
           f"{cfg.accumulation_steps} (the same global batch)", flush=True)
 
-def load_start(raw_model, cfg, start, resumed):
-    """Load the weights a run starts from into raw_model: the checkpoint's, or a LoRA checkpoint's
-    base with its adapters merged. With --lora_rank the model is then frozen and adapted: fresh
-    adapters on the --init_from model, or, resuming, the run's own adapters on the base they name
-    (refused if that base's weights changed). The base is saved with every checkpoint."""
-    try:
-        base = start
-        if resumed:  # a run goes on as it was: LoRA or not, with the same adapters
-            saved = lora.read_adapter_config(start) if checkpoint.is_lora(start) else None
-            theirs = (saved["rank"], saved["alpha"], set(saved["targets"]), saved["dropout"]) if saved else None
-            ours = ((cfg.lora_rank, cfg.lora_alpha, set(cfg.lora_targets.split(",")), cfg.lora_dropout)
-                    if cfg.lora_rank else None)
-            if theirs != ours:
-                flags = (f"--lora_rank {saved['rank']} --lora_alpha {saved['alpha']} --lora_targets "
-                         f"{','.join(saved['targets'])} --lora_dropout {saved['dropout']}" if saved else "no --lora_rank")
-                raise ValueError(f"{start}: the run was trained with {flags}; pass the same to resume it")
-            if saved:
-                base = checkpoint.lora_base(start)
-        checkpoint.load_weights(raw_model, base)
-        if cfg.lora_rank:
-            if resumed:
-                lora.load_adapters(raw_model, start)
-            else:
-                lora.add_lora(raw_model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout)
-            raw_model.adapter_base = (Path(base).resolve(), checkpoint.weights_sha256(base))  # see save_checkpoint
-    except ValueError as e:
-        raise SystemExit(f"{'--resume' if resumed else '--init_from'} {e}") from None
-
 # -----------------------------------------------------------------------------
 # the run
 
@@ -411,7 +346,7 @@ def prepare(cfg, gpu_ids, evals, start_time, objective=None) -> Run:
         checkpoint.check_compatible(start, checkpoint.config_dict(raw_model), cfg.tokenizer_dir,
                                     "--resume" if resume_from else "--init_from",
                                     ignore=() if resume_from else ("dropout", "max_seq_len"))
-        load_start(raw_model, cfg, start, resume_from is not None)
+        checkpoint.load_start(raw_model, cfg, start, resume_from is not None)
     elif cfg.kind == "sft":
         say(rt, "warning: SFT from random weights; run `python pretrain.py` first or pass --init_from")
     raw_model.to(rt.device)
