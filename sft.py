@@ -5,9 +5,10 @@ Supervised fine-tuning: ChatML conversations, with the loss on the assistant rep
     python sft.py                                     # the embedded default: continues out/pretrain, ~3 min
     python sft.py --data_path BelleGroup_sft.jsonl    # happy-llm's SFT, from out/pretrain
     python sft.py --data_path my.jsonl --init_from out/pretrain/ckpt-0020000 --gpus 0,1
-    python sft.py --lora_rank 8                       # LoRA: adapters on the frozen base, in out/lora (lora.py)
+    python sft.py --lora_rank 8                       # LoRA: adapters on the frozen out/sft model, in out/lora (lora.py)
 
-Starts from --init_from (default: out/pretrain when it holds a checkpoint), keeping its model size.
+Starts from --init_from (default: out/pretrain when it holds a checkpoint; with --lora_rank, out/sft
+when it does), keeping its model size.
 The embedded run also reports the accuracy of greedy answers to held-out sentiment questions
 (判断下面这条评论的情感是正面还是负面 -> 正面 / 负面) before and after SFT: chance is 50%.
 """

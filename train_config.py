@@ -82,7 +82,8 @@ class TrainConfig:
     seed: int = arg(42, "seed of the initial weights and the data order")
     # LoRA (lora.py) and DPO (dpo.py)
     lora_rank: int = arg(0, "LoRA: freeze the --init_from model and train rank-r adapters W + (alpha/r)*B*A "
-                            "instead (sft.py's out_dir becomes out/lora); 0: off, every weight trains")
+                            "instead (sft.py then defaults to --init_from out/sft, else out/pretrain, and --out_dir "
+                            "out/lora); 0: off, every weight trains")
     lora_alpha: float = arg(16.0, "LoRA: the adapters' scale alpha (the update is multiplied by alpha/rank)")
     lora_targets: str = arg("wq,wk,wv,wo,w1,w2,w3", "LoRA: comma-separated linear layers to adapt (attention "
                                                     "wq,wk,wv,wo; SwiGLU w1,w2,w3)")
@@ -159,12 +160,18 @@ def parse_config(argv, description, defaults, embedded) -> TrainConfig:
         raise SystemExit(f"--data_path {cfg.data_path}: no such file")
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
+    if cfg.kind == "sft" and cfg.lora_rank:  # LoRA's own defaults: adapters apart from out/sft's full runs
+        cfg.out_dir = given.get("out_dir", "out/lora")
+        # on the chat model when there is one: a pretrained-only base has never seen the chat
+        # template's tokens, whose embeddings LoRA keeps frozen (bench/RESULTS.md, LoRA)
+        if "init_from" not in given and checkpoint.latest_checkpoint("out/sft"):
+            cfg.init_from = "out/sft"
     cfg = resolve_model_size(cfg, embedded_run="data_path" not in given)
-    check_lora_and_dpo(cfg, given)
+    check_lora_and_dpo(cfg)
     return cfg
 
 
-def check_lora_and_dpo(cfg, given):
+def check_lora_and_dpo(cfg):
     """The LoRA and DPO flags: sane values, and a trained model to start from."""
     if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1 or cfg.beta <= 0:
         raise SystemExit(f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha} --lora_dropout "
@@ -179,8 +186,6 @@ def check_lora_and_dpo(cfg, given):
     if (cfg.lora_rank or cfg.kind == "dpo") and not cfg.init_from and not cfg.resume:
         raise SystemExit(f"{'--lora_rank' if cfg.lora_rank else 'dpo.py'}: fine-tunes a trained model; pass "
                          "--init_from CKPT (e.g. out/pretrain or out/sft)")
-    if cfg.kind == "sft" and cfg.lora_rank and "out_dir" not in given:
-        cfg.out_dir = "out/lora"  # adapters apart from the full SFT runs of out/sft
 
 
 def resolve_model_size(cfg, embedded_run):

@@ -16,6 +16,7 @@ import trainer
 from export_hf import to_hf_llama
 from k_model import ModelConfig, Transformer
 from model_sample import TextGenerator
+from train_config import parse_config
 
 from conftest import TINY_RUN, TOKENIZER_DIR as TOKENIZER
 
@@ -149,3 +150,20 @@ def test_sft_with_lora_trains_adapters_resumes_and_refuses_another_base(tmp_path
     with pytest.raises(SystemExit, match="different base") as refused:
         run_sft(*args, "--max_steps", 9, "--resume")
     assert "\n" not in str(refused.value) and str(refused.value).startswith("--resume ")
+
+
+def test_lora_run_defaults_to_the_chat_model_and_out_lora(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=6144, max_seq_len=48))
+    pretrained = checkpoint.save_checkpoint("out/pretrain", model, 10, tokenizer_dir=TOKENIZER)
+    defaults = {**sft.DEFAULTS, "init_from": "out/pretrain"}  # what sft.py sets where out/pretrain holds one
+
+    def parsed(*argv):
+        return parse_config(["--tokenizer_dir", str(TOKENIZER), *argv], sft.__doc__, defaults, sft.EMBEDDED)
+    # no SFT model yet: the pretrained one
+    assert (parsed("--lora_rank", "8").init_from, parsed("--lora_rank", "8").out_dir) == (str(pretrained), "out/lora")
+    chat = checkpoint.save_checkpoint("out/sft", model, 20, tokenizer_dir=TOKENIZER)
+    assert parsed("--lora_rank", "8").init_from == str(chat)
+    assert parsed("--lora_rank", "8", "--init_from", "out/pretrain").init_from == str(pretrained)
+    assert parsed("--lora_rank", "8", "--out_dir", "out/mine").out_dir == "out/mine"
+    assert (parsed().init_from, parsed().out_dir) == (str(pretrained), "out/sft")  # full SFT: unchanged
