@@ -17,15 +17,21 @@ the chosen reply's above the rejected one's, and a larger beta keeps the policy 
 reference. At step 0 pi = pi_ref, every margin is 0 and the loss is log 2 = 0.693.
 With --lora_rank the reference is the policy with its adapters switched off: no second copy.
 
+--sft_weight w adds w times the chosen reply's mean token negative log-likelihood (RPO, Pang et al.
+2024; trl's loss_type ["sigmoid", "sft"]). DPO alone only asks the chosen reply to beat the
+rejected one, and both can fall together until the model answers nothing; the SFT term keeps the
+chosen reply likely. The embedded default uses w = 1 (real data: 0, plain DPO, unless you pass it).
+
 Data, one JSON object per line: {"prompt", "chosen", "rejected"} (strings or message lists) or
 minimind's {"chosen": [messages], "rejected": [messages]} (its dpo.jsonl); bad lines are skipped
 and counted. The embedded default makes pairs of the embedded sentiment questions: chosen = the
 labelled sentiment, rejected = the opposite; the held-out pairs come from the sentiment test split.
 
-Each validation reports, on the held-out pairs: val_loss (the DPO loss), val_pref_acc (the share of
-pairs whose chosen reply the policy finds more likely than the rejected one), val_reward_margin,
-val_chosen_logp and val_rejected_logp (means over the pairs); the embedded run also reports sft.py's
-sentiment accuracy.
+Each validation reports, on the held-out pairs: val_loss (the loss trained, the SFT term included),
+val_dpo_loss (the DPO part alone, when --sft_weight is on), val_pref_acc (the share of pairs whose
+chosen reply the policy finds more likely than the rejected one), val_reward_margin, val_chosen_logp
+and val_rejected_logp (means over the pairs); the embedded run also reports sft.py's sentiment
+accuracy.
 """
 
 import hashlib
@@ -49,10 +55,12 @@ DEFAULTS = dict(kind="dpo", out_dir="out/dpo", learning_rate=1e-5,
 
 # The embedded default, for a 2-core CPU and ~3 minutes (figures in bench/RESULTS.md). A step
 # computes 2 x batch_size sequences twice (policy and reference): micro-batches of 4 pairs. Each
-# validation reads all 500 held-out pairs (125 batches of 4).
-EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-4, warmup_iters=10, time_limit=180,
-                epochs=100, eval_interval=100, eval_batches=125, log_interval=10, save_interval=200,
-                num_workers=0)
+# validation reads all 500 held-out pairs (125 batches of 4). A large learning rate for a few dozen
+# steps, held in check by the SFT term: without it the same rate drives both replies' likelihoods
+# to nothing and the model stops answering (measured in bench/RESULTS.md).
+EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-3, sft_weight=1.0, warmup_iters=10,
+                time_limit=180, epochs=100, eval_interval=100, eval_batches=125, log_interval=10,
+                save_interval=200, num_workers=0)
 
 
 # -----------------------------------------------------------------------------
@@ -168,9 +176,9 @@ def sequence_logps(model, x, y, mask):
 class DPOLoss(nn.Module):
     """The DPO loss of a policy against a frozen reference (None: the policy with its LoRA adapters off)."""
 
-    def __init__(self, policy, reference, beta):
+    def __init__(self, policy, reference, beta, sft_weight=0.0):
         super().__init__()
-        self.policy, self.reference, self.beta = policy, reference, beta
+        self.policy, self.reference, self.beta, self.sft_weight = policy, reference, beta, sft_weight
         if reference is not None:
             reference.requires_grad_(False).eval()
 
@@ -202,6 +210,12 @@ class DPOLoss(nn.Module):
         chosen, rejected = logps.detach()[0::2], logps.detach()[1::2]
         metrics = {"pref_acc": (chosen > rejected).sum(), "reward_margin": margins.detach().sum(),
                    "chosen_logp": chosen.sum(), "rejected_logp": rejected.sum()}
+        if self.sft_weight:
+            # DPO only asks the chosen reply to beat the rejected one: both may fall together until
+            # the model answers nothing. The chosen reply's mean token NLL holds its likelihood up
+            # (RPO, Pang et al. 2024; trl's loss_type ["sigmoid", "sft"])
+            metrics["dpo_loss"] = losses.detach().sum()  # the DPO part alone: ln 2 at step 0
+            losses = losses - self.sft_weight * logps[0::2] / mask[0::2].sum(-1).clamp(min=1)
         return metrics, losses.sum() if reduction == "sum" else losses.mean()
 
 
@@ -213,7 +227,7 @@ class DPO(Objective):
 
     def module(self, model, cfg):
         if lora.has_adapters(model):
-            return DPOLoss(model, None, cfg.beta)
+            return DPOLoss(model, None, cfg.beta, cfg.sft_weight)
         start = cfg.init_from
         if cfg.resume:  # the reference is the model the run started from, saved with its config
             start = checkpoint.load_train_state(checkpoint.latest_checkpoint(cfg.out_dir))["config"]["init_from"]
@@ -225,7 +239,7 @@ class DPO(Objective):
             checkpoint.load_weights(reference, ckpt)
         except ValueError as e:
             raise SystemExit(f"dpo.py: the reference {e}") from None
-        return DPOLoss(model, reference.to(next(model.parameters()).device), cfg.beta)
+        return DPOLoss(model, reference.to(next(model.parameters()).device), cfg.beta, cfg.sft_weight)
 
     @staticmethod
     def units(loss_mask):

@@ -89,6 +89,8 @@ class TrainConfig:
                                                     "wq,wk,wv,wo; SwiGLU w1,w2,w3)")
     lora_dropout: float = arg(0.0, "LoRA: dropout on the adapters' input")
     beta: float = arg(0.1, "DPO: how far the policy may move from the reference (larger: closer to it)")
+    sft_weight: float = arg(0.0, "DPO: add this times the chosen reply's mean token NLL to the loss (RPO), "
+                                 "which keeps DPO from lowering the chosen reply's likelihood")
     # hardware
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = arg("auto", "auto: bfloat16 where the hardware has it, else float16 on CUDA, float32 on CPU",
@@ -173,9 +175,11 @@ def parse_config(argv, description, defaults, embedded) -> TrainConfig:
 
 def check_lora_and_dpo(cfg):
     """The LoRA and DPO flags: sane values, and a trained model to start from."""
-    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1 or cfg.beta <= 0:
+    if (cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1 or cfg.beta <= 0
+            or cfg.sft_weight < 0):
         raise SystemExit(f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha} --lora_dropout "
-                         f"{cfg.lora_dropout} --beta {cfg.beta}: need rank >= 0, alpha > 0, 0 <= dropout < 1, beta > 0")
+                         f"{cfg.lora_dropout} --beta {cfg.beta} --sft_weight {cfg.sft_weight}: need rank >= 0, "
+                         "alpha > 0, 0 <= dropout < 1, beta > 0, sft_weight >= 0")
     unknown = sorted(set(cfg.lora_targets.split(",")) - set(lora.TARGETS))
     if unknown:
         raise SystemExit(f"--lora_targets {cfg.lora_targets}: unknown {','.join(unknown)}; choose from "

@@ -10,8 +10,9 @@ other jobs of the moment):
      rate (LoRA's adapters start at zero and usually want a larger step): held-out sentiment
      accuracy, trainable parameters, peak memory, steps, checkpoint size;
   2. DPO (python dpo.py) from the full SFT model on the embedded sentiment pairs (chosen = the
-     labelled sentiment, rejected = the opposite), full and LoRA: held-out preference accuracy,
-     reward margin and sentiment accuracy before and after;
+     labelled sentiment, rejected = the opposite): the embedded default (lr 1e-3 with the SFT term),
+     plain DPO at that rate and at 1e-4, and LoRA: held-out preference accuracy, reward margin and
+     sentiment accuracy before and after;
   3. the memory LoRA saves where it matters: peak memory of two optimizer steps of a larger preset
      (--memory_preset, random weights, one sequence of 256 tokens), full and LoRA.
 Each stage runs in a process of its own (this script with --child), which reports its peak memory:
@@ -176,10 +177,14 @@ def main():
                                              "--time_limit", 0, "--overwrite", *extra])
         print(f"pretraining: {pre['steps']} steps in {pre['wall_s']:.0f}s, val loss {pre['after']['val_loss']:.3f}")
     lora_flags = ["--lora_rank", args.rank]
-    # sft.py's embedded learning rate is 1e-3, dpo.py's 1e-4
+    # sft.py's embedded learning rate is 1e-3
     sft_runs = [("full SFT", []), (f"LoRA r{args.rank}, lr 1e-3", lora_flags),
                 (f"LoRA r{args.rank}, lr 4e-3", [*lora_flags, "--learning_rate", 4e-3])]
-    dpo_runs = [("DPO full, lr 1e-4", []), (f"DPO LoRA r{args.rank}, lr 1e-3", [*lora_flags, "--learning_rate", 1e-3])]
+    # dpo.py's embedded default is lr 1e-3 with --sft_weight 1; the two plain-DPO rows show why
+    dpo_runs = [("DPO full, lr 1e-3, sft_weight 1 (default)", []),
+                ("DPO full, lr 1e-3, plain DPO", ["--sft_weight", 0]),
+                ("DPO full, lr 1e-4, plain DPO", ["--learning_rate", 1e-4, "--sft_weight", 0]),
+                (f"DPO LoRA r{args.rank}, lr 1e-3, sft_weight 1", lora_flags)]
     sfts = stages("sft", pre_dir, out, sft_runs, args.sft_steps, extra)
     dpos = stages("dpo", sfts[0][1], out, dpo_runs, args.dpo_steps, extra)
 
@@ -191,7 +196,8 @@ def main():
             *(f"{size / 1024:,.0f} KiB" for size in weights(run_dir)[1:])] for record, run_dir in sfts])
     table(["DPO from the full SFT model", "trainable", "steps", "s/step", "peak MiB", "held-out preference accuracy",
            "DPO val loss", "reward margin", "sentiment accuracy"],
-          [[*common(record, run_dir), fmt_change(record, "val_pref_acc", True), fmt_change(record, "val_loss"),
+          [[*common(record, run_dir), fmt_change(record, "val_pref_acc", True),
+            fmt_change(record, "val_dpo_loss" if "val_dpo_loss" in record["after"] else "val_loss"),  # no SFT term
             fmt_change(record, "val_reward_margin"), fmt_change(record, "sentiment_acc", True)]
            for record, run_dir in dpos])
     steps = [stage(f"{args.memory_preset}, {name}", "memory", [args.memory_preset, rank])

@@ -49,27 +49,32 @@ def direct_logp(model, prompt, reply):
     return sum(logp[len(prompt) - 1 + i, token] for i, token in enumerate(reply))
 
 
-def test_loss_and_gradients_equal_the_formula_on_a_hand_built_pair():
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7], ids=["dpo", "dpo+sft"])
+def test_loss_and_gradients_equal_the_formula_on_a_hand_built_pair(sft_weight):
     policy, reference, beta = tiny(0), tiny(1), 0.5
     other = ([2, 5, 8], [11, 4], [13, 14, 15, 4])
     x, y, mask = collate_batch([pair_row(PROMPT, CHOSEN, REJECTED), pair_row(*other)])
-    metrics, loss = dpo.DPOLoss(policy, reference, beta)(x, y, mask)
+    metrics, loss = dpo.DPOLoss(policy, reference, beta, sft_weight)(x, y, mask)
     loss.backward()
     ours = {name: p.grad.clone() for name, p in policy.named_parameters()}
 
     policy.zero_grad()
-    expected, margins = 0.0, []
+    expected, margins, dpo_part = 0.0, [], 0.0
     for prompt, chosen, rejected in [(PROMPT, CHOSEN, REJECTED), other]:
         with torch.no_grad():
             ref_c, ref_r = direct_logp(reference, prompt, chosen), direct_logp(reference, prompt, rejected)
-        chosen_ratio = direct_logp(policy, prompt, chosen) - ref_c
+        chosen_logp = direct_logp(policy, prompt, chosen)
+        chosen_ratio = chosen_logp - ref_c
         rejected_ratio = direct_logp(policy, prompt, rejected) - ref_r
         margin = beta * (chosen_ratio - rejected_ratio)
-        expected = expected - F.logsigmoid(margin)
+        expected = expected - F.logsigmoid(margin) - sft_weight * chosen_logp / len(chosen)
         margins.append(margin.item())
+        dpo_part -= F.logsigmoid(margin).item()
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["reward_margin"].item() == pytest.approx(sum(margins), rel=1e-4, abs=1e-6)
+    # with the SFT term the DPO part is reported on its own (val_dpo_loss)
+    assert metrics["dpo_loss"].item() == pytest.approx(dpo_part, rel=1e-5) if sft_weight else "dpo_loss" not in metrics
     for name, p in policy.named_parameters():
         assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-7), name
     assert all(p.grad is None for p in reference.parameters())
@@ -94,7 +99,8 @@ def test_step_zero_is_log_two_with_a_copy_or_with_adapters_switched_off():
     assert with_copy(*batch)[1].item() == pytest.approx(2 * math.log(2), abs=1e-5)
 
 
-def test_loss_equals_trl_dpo_trainer(tmp_path):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7], ids=["sigmoid", "sigmoid+sft"])
+def test_loss_equals_trl_dpo_trainer(tmp_path, sft_weight):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
@@ -102,16 +108,20 @@ def test_loss_equals_trl_dpo_trainer(tmp_path):
     from export_hf import to_hf_llama
     policy, reference, beta = tiny(0, 6144), tiny(1, 6144), 0.3
     tokenizer = PreTrainedTokenizerFast.from_pretrained(TOKENIZER)
-    args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, report_to=[], use_cpu=True, per_device_train_batch_size=2)
+    # trl's "sft" term is the mean NLL over every chosen token of the batch, ours the mean over pairs of
+    # each chosen reply's mean: the same when the chosen replies are equally long, as below
+    losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else {}
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                         **losses)
     hf_trainer = trl.DPOTrainer(model=to_hf_llama(policy), ref_model=to_hf_llama(reference), args=args,
                                 processing_class=tokenizer,
                                 train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
     examples = [{"prompt_ids": PROMPT, "chosen_ids": CHOSEN, "rejected_ids": REJECTED},
-                {"prompt_ids": [2, 5, 8], "chosen_ids": [11, 4], "rejected_ids": [13, 14, 15, 4]}]
+                {"prompt_ids": [2, 5, 8], "chosen_ids": [11, 12, 4], "rejected_ids": [13, 14, 15, 4]}]
     inputs = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0)(examples)
     with torch.no_grad():
         theirs = hf_trainer.compute_loss(hf_trainer.model.eval(), inputs)
-        ours = dpo.DPOLoss(policy.eval(), reference, beta)(
+        ours = dpo.DPOLoss(policy.eval(), reference, beta, sft_weight)(
             *collate_batch([pair_row(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples]),
             reduction="mean")[1]
     assert theirs.item() == pytest.approx(ours.item(), rel=1e-4)
