@@ -2,7 +2,7 @@
 Direct Preference Optimization (Rafailov et al. 2023): learn from pairs of a chosen and a rejected
 reply to the same prompt, with no reward model and no sampling (trainer.py holds the loop).
 
-    python dpo.py                                    # the embedded default: sentiment pairs, from out/sft
+    python dpo.py                                    # the embedded default: sentiment pairs, from out/sft, ~5 min
     python dpo.py --data_path dpo.jsonl --init_from out/sft --beta 0.1
     python dpo.py --lora_rank 8                      # adapters only; the reference is the base itself
 
@@ -53,13 +53,14 @@ from trainer import Objective, main
 DEFAULTS = dict(kind="dpo", out_dir="out/dpo", learning_rate=1e-5,
                 init_from="out/sft" if checkpoint.latest_checkpoint("out/sft") else None)
 
-# The embedded default, for a 2-core CPU and ~3 minutes (figures in bench/RESULTS.md). A step
+# The embedded default, for a 2-core CPU and ~5 minutes (figures in bench/RESULTS.md). A step
 # computes 2 x batch_size sequences twice (policy and reference): micro-batches of 4 pairs. Each
-# validation reads all 500 held-out pairs (125 batches of 4). A large learning rate for a few dozen
-# steps, held in check by the SFT term: without it the same rate drives both replies' likelihoods
-# to nothing and the model stops answering (measured in bench/RESULTS.md).
+# validation reads all 500 held-out pairs (125 batches of 4) and answers the 500 sentiment questions,
+# ~50 s on 2 cores, twice: 5 minutes leave ~70 steps. A large learning rate for a few dozen steps,
+# held in check by the SFT term: without it the same rate drives both replies' likelihoods to
+# nothing and the model stops answering (measured in bench/RESULTS.md).
 EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-3, sft_weight=1.0, warmup_iters=10,
-                time_limit=180, epochs=100, eval_interval=100, eval_batches=125, log_interval=10,
+                time_limit=300, epochs=100, eval_interval=100, eval_batches=125, log_interval=10,
                 save_interval=200, num_workers=0)
 
 
