@@ -10,8 +10,14 @@ Supervised fine-tuning: ChatML conversations, with the loss on the assistant rep
 Starts from --init_from (default: out/pretrain when it holds a checkpoint; with --lora_rank, out/sft
 when it does), keeping its model size.
 The embedded run also reports the accuracy of greedy answers to held-out sentiment questions
-(判断下面这条评论的情感是正面还是负面 -> 正面 / 负面) before and after SFT: chance is 50%.
+(判断下面这条评论的情感是正面还是负面 -> 正面 / 负面) before and after SFT: chance is 50%; and at
+the end the bits per character of held-out news under the model it started from and the one it
+ended with: what pretraining bought, and what SFT on chat cost it.
 """
+
+import itertools
+import math
+import os
 
 import checkpoint
 import corpus
@@ -26,6 +32,7 @@ EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-3, warmup_i
                 epochs=100, eval_interval=100, eval_batches=400, log_interval=10, save_interval=200,
                 num_workers=0)
 ANSWER_BATCH = 50  # questions answered together: the prefill of a batch holds batch x prompt x prompt scores
+NEWS_TEXTS = 250  # held-out news paragraphs scored at the end of an embedded run: seconds per model
 
 
 def evals_for(cfg):
@@ -48,5 +55,26 @@ def evals_for(cfg):
     return {"sentiment_acc": lambda model: corpus.sentiment_accuracy(items, lambda p: answer(model, p))[0]}
 
 
+def news_bpc(checkpoints, path, n_texts=NEWS_TEXTS) -> dict:
+    """{checkpoint: bits per character of the first n_texts texts of path}, scored as eval.py --bpc does."""
+    import eval as lm_eval  # transformers and the model loaders: only the end of an embedded run needs them
+    texts = list(itertools.islice(corpus.iter_pretrain_texts(path), n_texts))
+    chars = sum(map(len, texts))
+    return {ckpt: sum(lm_eval.text_nats(lm_eval.load_ours(ckpt), texts)[0]) / math.log(2) / chars
+            for ckpt in checkpoints}
+
+
+def report_news_bpc(result):
+    """After an embedded run: the held-out news under the model the run started from and the one it
+    ended with. SFT trains on chat, not news: this shows what pretraining bought and what SFT cost."""
+    start, end = result["config"]["init_from"], result["checkpoint"]
+    path = corpus.embedded_paths()["pretrain_val"]
+    bpc = news_bpc([c for c in (start, end) if c], path)
+    print(f"held-out news, bits per character (the first {NEWS_TEXTS} paragraphs of {path}; python eval.py --bpc "
+          f"for all): " + (f"{start} {bpc[start]:.3f} -> " if start else "") + f"{end} {bpc[end]:.3f}")
+
+
 if __name__ == "__main__":
-    main(__doc__, DEFAULTS, EMBEDDED, evals_for)
+    result = main(__doc__, DEFAULTS, EMBEDDED, evals_for)
+    if result["config"]["data_path"] is None and os.environ.get("RANK", "0") == "0":
+        report_news_bpc(result)

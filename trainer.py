@@ -506,7 +506,8 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None, objective=None):
         dist.barrier()
         del run
         dist.destroy_process_group()
-    return {"before": before, "after": after, "steps": state.step}
+    return {"before": before, "after": after, "steps": state.step, "config": asdict(cfg),
+            "checkpoint": str(checkpoint.latest_checkpoint(cfg.out_dir))}
 
 
 def main(description, defaults, embedded, evals_for=None, argv=None, objective=None):

@@ -229,3 +229,18 @@ def test_lm_eval_harness_gives_the_same_log_likelihoods(ours_and_export):
     # each text in one window, after the same start token (<s>, the tokenizer's BOS)
     rolling = harness.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(TEXTS)])
     assert [-x for x in rolling] == pytest.approx(ev.text_nats(lm, TEXTS)[0], rel=1e-5)
+
+
+def test_sft_reports_the_held_out_news_bpc_of_its_start_and_end(ours_and_export, tmp_path, monkeypatch, capsys):
+    import sft
+    run, _, ours, _ = ours_and_export
+    other = saved(tmp_path, tiny(max_seq_len=32, tie_embeddings=False, dim=32))
+    path = write_jsonl(tmp_path / "news.jsonl", TEXTS)
+    assert sft.news_bpc([run], path)[run] == pytest.approx(ev.bits_per_char(ours, path)["bpc"], rel=1e-6)
+    first_two = write_jsonl(tmp_path / "two.jsonl", TEXTS[:2])
+    assert sft.news_bpc([run], path, n_texts=2)[run] == pytest.approx(ev.bits_per_char(ours, first_two)["bpc"])
+    monkeypatch.setattr(sft.corpus, "embedded_paths", lambda: {"pretrain_val": path})
+    sft.report_news_bpc({"config": {"init_from": str(run)}, "checkpoint": str(other)})
+    line = capsys.readouterr().out
+    scores = sft.news_bpc([run, other], path)
+    assert f"{run} {scores[run]:.3f} -> {other} {scores[other]:.3f}" in line and scores[run] != scores[other]
