@@ -475,9 +475,12 @@ def test_chat_page_in_a_real_browser(served, tmp_path):
         # the stop button ends the reply in the browser and frees its row on the server
         page.fill("#max_tokens", "100")
         with gated(s.scheduler) as gate:
+            sent = len(s.submitted)
             page.fill("#input", "讲个长故事")
             page.press("#input", "Enter")
             page.wait_for_function("document.querySelectorAll('.assistant').length === 3")
+            # the page shows the reply's bubble before its request reaches the server
+            wait_until(lambda: len(s.submitted) > sent)
             generation = s.submitted[-1]
             assert page.is_disabled("#send") and page.is_enabled("#stop")
             page.click("#stop")
