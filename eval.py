@@ -46,6 +46,7 @@ then is cut to its last tokens; the output counts both.
 
 import argparse
 import csv
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -166,8 +167,9 @@ def text_nats(lm, texts, batch_size=8, desc=None) -> tuple[list[float], list[int
     return nats, [len(x) for x in ids]
 
 
-def bits_per_char(lm, path, batch_size=8) -> dict:
-    """BPC of the texts of a .jsonl ({"text"}) or .txt file (one text a line), read as corpus.py reads them."""
+def bits_per_char(lm, path, batch_size=8, max_texts=None) -> dict:
+    """BPC of the texts of a .jsonl ({"text"}) or .txt file (one text a line), read as corpus.py reads
+    them; with max_texts, of the first max_texts texts only."""
     totals = {"nats": 0.0, "tokens": 0, "chars": 0, "texts": 0}
     group = []
 
@@ -177,7 +179,7 @@ def bits_per_char(lm, path, batch_size=8) -> dict:
                       chars=totals["chars"] + sum(map(len, group)), texts=totals["texts"] + len(group))
         group.clear()
 
-    for text in corpus.iter_pretrain_texts(path):
+    for text in itertools.islice(corpus.iter_pretrain_texts(path), max_texts):
         group.append(text)
         if len(group) == TEXTS_PER_GROUP:
             score()

@@ -239,6 +239,11 @@ def usage(g):
             "total_tokens": len(g.prompt) + len(g.tokens)}
 
 
+def chunk_object(kind) -> str:
+    """The "object" of a streamed piece: chat.completion.chunk, or text_completion as it is."""
+    return f"{kind}.chunk" if kind == "chat.completion" else kind
+
+
 def chunk(head, kind, text=None, finish_reason=None):
     """One streamed piece of the answer: new text, or the finish reason."""
     if kind == "text_completion":
@@ -246,14 +251,14 @@ def chunk(head, kind, text=None, finish_reason=None):
     else:
         choice = {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish_reason,
                   "logprobs": None}
-    return sse({**head, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "choices": [choice]})
+    return sse({**head, "object": chunk_object(kind), "choices": [choice]})
 
 
 async def stream_answer(head, kind, req, g, events):
     """The server-sent events of a streamed answer: (the role,) the text as it comes, the finish
     reason, (the usage,) then [DONE]."""
     if kind == "chat.completion":
-        yield sse({**head, "object": "chat.completion.chunk", "choices": [
+        yield sse({**head, "object": chunk_object(kind), "choices": [
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
     while True:
         event, value = await events.get()
@@ -265,8 +270,7 @@ async def stream_answer(head, kind, req, g, events):
         else:
             yield chunk(head, kind, finish_reason=value)
             if req.stream_options and req.stream_options.include_usage:
-                yield sse({**head, "object": f"{kind}.chunk" if kind == "chat.completion" else kind, "choices": [],
-                           "usage": usage(g)})
+                yield sse({**head, "object": chunk_object(kind), "choices": [], "usage": usage(g)})
             break
     yield "data: [DONE]\n\n"
 

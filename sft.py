@@ -15,8 +15,6 @@ the end the bits per character of held-out news under the model it started from 
 ended with: what pretraining bought, and what SFT on chat cost it.
 """
 
-import itertools
-import math
 import os
 
 import checkpoint
@@ -58,9 +56,7 @@ def evals_for(cfg):
 def news_bpc(checkpoints, path, n_texts=NEWS_TEXTS) -> dict:
     """{checkpoint: bits per character of the first n_texts texts of path}, scored as eval.py --bpc does."""
     import eval as lm_eval  # transformers and the model loaders: only the end of an embedded run needs them
-    texts = list(itertools.islice(corpus.iter_pretrain_texts(path), n_texts))
-    chars = sum(map(len, texts))
-    return {ckpt: sum(lm_eval.text_nats(lm_eval.load_ours(ckpt), texts)[0]) / math.log(2) / chars
+    return {ckpt: lm_eval.bits_per_char(lm_eval.load_ours(ckpt), path, max_texts=n_texts)["bpc"]
             for ckpt in checkpoints}
 
 

@@ -495,9 +495,10 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None, objective=None):
     after = latest or validate(run, "after training")
     save(run)
     bar.close()
+    last = checkpoint.latest_checkpoint(cfg.out_dir)
     say(run.rt, f"done: {state.step} steps, {state.tokens:,.0f} tokens in {time.time() - run.start_time:.0f}s; "
             + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in after if k in before)
-            + f"; checkpoint {checkpoint.latest_checkpoint(cfg.out_dir)}")
+            + f"; checkpoint {last}")
     run.tracker.finish()
     if rt.master and cfg.plot:  # the run's curves beside its checkpoints
         import plot  # here, not at the top: matplotlib is for the end of a run only
@@ -507,7 +508,7 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None, objective=None):
         del run
         dist.destroy_process_group()
     return {"before": before, "after": after, "steps": state.step, "config": asdict(cfg),
-            "checkpoint": str(checkpoint.latest_checkpoint(cfg.out_dir))}
+            "checkpoint": str(last)}
 
 
 def main(description, defaults, embedded, evals_for=None, argv=None, objective=None):
