@@ -279,6 +279,27 @@ class PretrainDataset(torch.utils.data.Dataset):
         return window[:-1], window[1:], torch.ones(self.seq_len, dtype=torch.long)
 
 
+class DocumentDataset(torch.utils.data.Dataset):
+    """happy-llm's PretrainDataset: one document per sample, cut to max_seq_len + 1 tokens and padded
+    to that width (loss_mask 0 on the padding). Every row costs a full window of compute however
+    short its document: kept to compare against packing (--packing false)."""
+
+    def __init__(self, store: TokenStore, max_seq_len):
+        self.store, self.seq_len = store, max_seq_len
+
+    def __len__(self):
+        return len(self.store)
+
+    def __getitem__(self, i):
+        tokens, _ = self.store.document(i)
+        window = torch.full((self.seq_len + 1,), PAD_ID, dtype=torch.long)
+        n = min(len(tokens), self.seq_len + 1)
+        window[:n] = torch.from_numpy(tokens[:n].astype(np.int64))
+        mask = torch.zeros(self.seq_len, dtype=torch.long)
+        mask[:n - 1] = 1
+        return window[:-1], window[1:], mask
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """One rendered conversation per sample, cut to max_seq_len + 1 tokens (mask cut alike).
     loss_mask[t] = 1 where Y[t] is a token of an assistant reply or its closing marker.
@@ -394,7 +415,7 @@ class Holdout(torch.utils.data.Dataset):
 def load_datasets(cfg, rt):
     """(train, validation) datasets of a run; tokenised once and cached by build_store. The
     embedded corpus has its own validation files; a --data_path is split by Holdout."""
-    dataset_class = PretrainDataset if cfg.kind == "pretrain" else SFTDataset
+    dataset_class = (SFTDataset if cfg.kind != "pretrain" else PretrainDataset if cfg.packing else DocumentDataset)
     with local_rank_zero_first(rt):
         try:
             if cfg.data_path is None:

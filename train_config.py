@@ -52,6 +52,8 @@ class TrainConfig:
                                      "(every 1/val_fraction-th sample; the embedded corpus has its own split)")
     tokenizer_dir: str = arg("tokenizer_k", "tokenizer directory (train_tokenizer.py)")
     cache_dir: str = arg("data/cache", "where the tokenised data is cached")
+    packing: bool = arg(True, "pretraining: pack documents into full windows of max_seq_len (false: one document "
+                              "per row, cut or padded to max_seq_len, as happy-llm's PretrainDataset)")
     num_workers: int = arg(4, "DataLoader worker processes")
     # model
     preset: str | None = arg(None, "model size by name; None: tiny for the embedded corpus, the "
@@ -73,6 +75,8 @@ class TrainConfig:
     max_steps: int | None = arg(None, "optimizer steps to run (overrides --epochs)")
     time_limit: float | None = arg(None, "seconds for the whole run, data preparation, compilation, evaluations "
                                          "and checkpoints included; the LR schedule is planned to end inside it")
+    fit_schedule: bool = arg(True, "with --time_limit, plan the LR schedule to end inside it (false: keep the "
+                                   "--epochs/--max_steps schedule and stop where the time runs out)")
     batch_size: int = arg(64, "samples per micro-batch per process")
     accumulation_steps: int = arg(8, "micro-batches per optimizer step")
     learning_rate: float = arg(2e-4, "peak learning rate")

@@ -367,9 +367,12 @@ def prepare(cfg, gpu_ids, evals, start_time, objective=None) -> Run:
     if resume_from is not None:
         state = resume_state(cfg, rt, resume_from, steps_per_epoch, optimizer, scaler)
     else:
-        state = RunState(total_steps=cfg.max_steps or cfg.epochs * steps_per_epoch, planned=not cfg.time_limit)
-    # the session that plans the steps for --time_limit also stops at it (a resumed run follows its plan)
-    budget = None if state.planned else TimeBudget(cfg.time_limit, start_time, cfg.eval_interval, cfg.save_interval)
+        state = RunState(total_steps=cfg.max_steps or cfg.epochs * steps_per_epoch,
+                         planned=not (cfg.time_limit and cfg.fit_schedule))
+    # the session that plans the steps for --time_limit also stops at it (a resumed run follows its
+    # plan); without --fit_schedule the limit only stops the run
+    budget = (TimeBudget(cfg.time_limit, start_time, cfg.eval_interval, cfg.save_interval)
+              if cfg.time_limit and (not state.planned or not cfg.fit_schedule) else None)
     trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     say(rt, f"model: {cfg.model_type}, {raw_model.num_params() / 1e6:.2f}M parameters"
         + (f", from {start}" if start else ", random init")

@@ -15,4 +15,6 @@ def describe_machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"{cpu}, {os.cpu_count()} cores, {'with' if bf16 else 'no'} AVX512-BF16/AMX, "
+            f"torch {torch.__version__} (CPU)")

@@ -111,8 +111,10 @@ def test_loss_equals_trl_dpo_trainer(tmp_path, sft_weight):
     # trl's "sft" term is the mean NLL over every chosen token of the batch, ours the mean over pairs of
     # each chosen reply's mean: the same when the chosen replies are equally long, as below
     losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else {}
+    # bf16=False: trl's configs default to bf16 autocast, which a CPU with AVX512-BF16/AMX then runs,
+    # while ours computes in fp32 (1.7e-4 apart there, identical on a CPU without bf16)
     args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, report_to=[], use_cpu=True, per_device_train_batch_size=2,
-                         **losses)
+                         bf16=False, **losses)
     hf_trainer = trl.DPOTrainer(model=to_hf_llama(policy), ref_model=to_hf_llama(reference), args=args,
                                 processing_class=tokenizer,
                                 train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
