@@ -300,12 +300,14 @@ def load_start(raw_model, cfg, start, resumed):
         base = start
         if resumed:  # a run goes on as it was: LoRA or not, with the same adapters
             saved = lora.read_adapter_config(start) if is_lora(start) else None
-            theirs = (saved["rank"], saved["alpha"], set(saved["targets"]), saved["dropout"]) if saved else None
-            ours = ((cfg.lora_rank, cfg.lora_alpha, set(cfg.lora_targets.split(",")), cfg.lora_dropout)
-                    if cfg.lora_rank else None)
+            theirs = ((saved["rank"], saved["alpha"], set(saved["targets"]), saved["dropout"], saved["embeddings"])
+                      if saved else None)
+            ours = ((cfg.lora_rank, cfg.lora_alpha, set(cfg.lora_targets.split(",")), cfg.lora_dropout,
+                     cfg.lora_embeddings) if cfg.lora_rank else None)
             if theirs != ours:
                 flags = (f"--lora_rank {saved['rank']} --lora_alpha {saved['alpha']} --lora_targets "
-                         f"{','.join(saved['targets'])} --lora_dropout {saved['dropout']}" if saved else "no --lora_rank")
+                         f"{','.join(saved['targets'])} --lora_dropout {saved['dropout']} --lora_embeddings "
+                         f"{saved['embeddings']}" if saved else "no --lora_rank")
                 raise ValueError(f"{start}: the run was trained with {flags}; pass the same to resume it")
             if saved:
                 base = lora_base(start)
@@ -314,7 +316,8 @@ def load_start(raw_model, cfg, start, resumed):
             if resumed:
                 lora.load_adapters(raw_model, start)
             else:
-                lora.add_lora(raw_model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout)
+                lora.add_lora(raw_model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout,
+                              cfg.lora_embeddings)
             raw_model.adapter_base = (Path(base).resolve(), weights_sha256(base))  # see save_checkpoint
     except ValueError as e:
         raise SystemExit(f"{'--resume' if resumed else '--init_from'} {e}") from None

@@ -330,13 +330,39 @@ class SFTDataset(torch.utils.data.Dataset):
 
 def collate_batch(samples):
     """[(X, Y, loss_mask)] of varying lengths -> three [B, T] tensors, right-padded with PAD_ID and
-    mask 0 to the longest sample of this batch (not to a fixed length: less padding to compute)."""
+    mask 0 to the longest sample of this batch (not to a fixed length: less padding to compute).
+    The mask is float if any sample's is (ReplayDataset's weights), else an integer tensor."""
     width = max(len(x) for x, _, _ in samples)
-    batch = torch.full((3, len(samples), width), PAD_ID, dtype=torch.long)
-    for row, sample in enumerate(samples):
-        for part, tensor in enumerate(sample):
-            batch[part, row, :len(tensor)] = tensor
-    return batch[0], batch[1], batch[2]
+    tokens = torch.full((2, len(samples), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(samples), width, dtype=max((m.dtype for _, _, m in samples), key=lambda d: d.is_floating_point))
+    for row, (x, y, m) in enumerate(samples):
+        tokens[0, row, :len(x)], tokens[1, row, :len(y)], mask[row, :len(m)] = x, y, m
+    return tokens[0], tokens[1], mask
+
+
+class ReplayDataset(torch.utils.data.Dataset):
+    """SFT samples with pretraining windows mixed in ("replay"): a model fine-tuned on chat alone
+    drifts from the text it was pretrained on and forgets some of it; training on a little of that
+    text as well holds it in place. `share` of the samples are pretraining windows, spread evenly over
+    the corpus; each replayed target weighs `weight` (loss_mask = weight, not 1), chosen so a whole
+    window counts as much as an average SFT sample's trained tokens: the replay's share of the
+    gradient is then about `share`, however short the replies."""
+
+    def __init__(self, sft, sft_store: TokenStore, pretrain: PretrainDataset, share):
+        self.sft, self.pretrain = sft, pretrain
+        n = round(len(sft) * share / (1 - share))
+        self.replayed = np.linspace(0, len(pretrain) - 1, n).round().astype(np.int64)
+        trained = float(sft_store.mask.sum()) / len(sft_store)  # an average conversation's trained targets
+        self.weight = min(1.0, trained / pretrain.seq_len)
+
+    def __len__(self):
+        return len(self.sft) + len(self.replayed)
+
+    def __getitem__(self, i):
+        if i < len(self.sft):
+            return self.sft[i]
+        x, y, mask = self.pretrain[int(self.replayed[i - len(self.sft)])]
+        return x, y, mask * self.weight
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -428,10 +454,22 @@ def load_datasets(cfg, rt):
             data = [dataset_class(store, cfg.max_seq_len) for store in stores]
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(str(e)) from None
-    if val_path is not None:
-        return data[0], data[1]
-    k = max(2, round(1 / cfg.val_fraction))
-    return Holdout(data[0], k, validation=False), Holdout(data[0], k, validation=True)
+    if val_path is None:
+        k = max(2, round(1 / cfg.val_fraction))
+        data = [Holdout(data[0], k, validation=False), Holdout(data[0], k, validation=True)]
+    if cfg.kind == "sft" and cfg.replay:
+        data[0] = ReplayDataset(data[0], stores[0], replay_windows(cfg, rt), cfg.replay)
+    return data[0], data[1]
+
+
+def replay_windows(cfg, rt) -> PretrainDataset:
+    """The pretraining text an SFT run replays: --replay_path, else the embedded pretraining corpus."""
+    path = cfg.replay_path or corpus.embedded_paths()["pretrain_train"]
+    with local_rank_zero_first(rt):
+        try:
+            return PretrainDataset(build_store(path, cfg.tokenizer_dir, "pretrain", cfg.cache_dir), cfg.max_seq_len)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--replay_path {e}") from None
 
 
 def train_loader(ds, cfg, rt, epoch, position):

@@ -6,6 +6,7 @@ export_hf.py export, Qwen, minimind, ...) go through the same scoring code, each
     python eval.py --ckpt out/pretrain --bpc data/embedded/pretrain_val.jsonl
     python eval.py --hf out/hf --bpc news.jsonl wiki.txt
     python eval.py --ckpt out/sft --mcq ceval-exam/val --shots 5
+    python eval.py --ckpt out/sft --gen                    # stop rate, distinct-n, repetition
 
 Bits per character (--bpc). Loss per token cannot compare models whose tokenizers cut the text
 differently: a tokenizer with longer tokens makes fewer, harder predictions. The information a model
@@ -42,11 +43,17 @@ not over the four letters; the choice is the same either way). --shots k takes t
 first k questions of the subject's file in DIR/dev/ or, as the C-Eval and CMMLU releases are laid
 out, in a dev/ folder beside DIR. A prompt longer than the context loses few-shot examples first,
 then is cut to its last tokens; the output counts both.
+
+Generation (--gen [FILE], default prompts/gen.jsonl): each prompt answered --gen_samples times with
+model_sample.py's default sampling settings; per kind of prompt, the stop rate (replies that end
+with their stop token before --max_new_tokens), the mean length, distinct-1/2 and the share of
+repeated 4-grams within a reply: whether the model ends its replies and whether it loops.
 """
 
 import argparse
 import csv
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -58,13 +65,15 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import corpus
-from model_sample import DTYPES, TextGenerator
+from model_sample import DTYPES, SAMPLING, TextGenerator, encode_chat
 from train_config import OneLineParser
 
 CHOICES = ("A", "B", "C", "D")
 CEVAL_HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
 ANSWER_CUE = "答案："
 TEXTS_PER_GROUP = 1000  # texts tokenised and scored together: a file of any size streams through
+GEN_KINDS = ("chat", "sentiment", "continue")
+GEN_PROMPTS = Path(__file__).resolve().with_name("prompts") / "gen.jsonl"
 
 
 @dataclass
@@ -76,6 +85,7 @@ class LM:
     context: int  # tokens per forward pass
     device: torch.device
     hf: bool = False  # a transformers model (else ours)
+    generator: TextGenerator | None = None  # ours: for --gen
 
     @property
     def start_id(self) -> int:
@@ -101,7 +111,7 @@ def load_ours(path, tokenizer_dir=None, device=None, dtype="float32", context=No
     gen = TextGenerator(path, tokenizer_dir=tokenizer_dir, device=device, dtype=dtype)
     limit = gen.model.config.max_seq_len
     return LM(f"{gen.checkpoint} ({type(gen.model).__name__})", gen.model, gen.tokenizer,
-              min(context or limit, limit), gen.device)
+              min(context or limit, limit), gen.device, generator=gen)
 
 
 def load_hf(path, device=None, dtype="float32", context=None) -> LM:
@@ -318,6 +328,75 @@ def print_mcq(results, shots):
     print("letters picked: " + ", ".join(f"{c} {given.count(c)}" for c in CHOICES))
 
 # -----------------------------------------------------------------------------
+# generation: does the model stop, and does it repeat itself?
+
+
+def read_gen_prompts(path) -> list[dict]:
+    """{"kind", "prompt"} lines: kind chat or sentiment (answered through the chat template, a reply
+    ends at <|im_end|>) or continue (raw continuation after <s>, as pretraining saw text; ends at </s>)."""
+    items = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            item = json.loads(line)
+            if item.get("kind") not in GEN_KINDS or not isinstance(item.get("prompt"), str):
+                raise ValueError(f"{path} line {i}: expected {{\"kind\": one of {GEN_KINDS}, \"prompt\": text}}")
+            items.append(item)
+    return items
+
+
+def repetition(text, n=4) -> tuple[int, int]:
+    """(n-grams of characters in text that repeat an earlier one of the same text, all its n-grams)."""
+    grams = [text[i:i + n] for i in range(len(text) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def distinct(texts, n) -> float:
+    """distinct-n (Li et al. 2016): distinct character n-grams over all n-grams of all replies."""
+    grams = [t[i:i + n] for t in texts for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def generation_report(gen, items, max_new_tokens=128, samples=4, seed=0, **sampling) -> dict:
+    """Per kind of prompt: every prompt answered `samples` times with the given sampling settings;
+    stop rate (the share of replies that end with their stop token before max_new_tokens), mean reply
+    length in characters, distinct-1/2 over all replies, and the repeated 4-gram rate."""
+    tok = gen.tokenizer
+    report = {}
+    for kind in GEN_KINDS:
+        prompts = [item["prompt"] for item in items if item["kind"] == kind]
+        if not prompts:
+            continue
+        if kind == "continue":
+            ids, stops = [[tok.bos_token_id] + tok.encode(p) for p in prompts], (tok.eos_token_id,)
+        else:
+            ids = [encode_chat(tok, [{"role": "user", "content": p}]) for p in prompts]
+            stops = (gen.im_end_id, tok.eos_token_id)
+        batch = [x for x in ids for _ in range(samples)]
+        generator = torch.Generator(gen.device).manual_seed(seed)
+        outputs = gen.model.generate(batch, max_new_tokens=max_new_tokens, stop_ids=stops, generator=generator,
+                                     **sampling)
+        texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]
+        repeated, grams = map(sum, zip(*(repetition(t) for t in texts)))
+        report[kind] = {"replies": len(texts), "stop_rate": sum(len(o) < max_new_tokens for o in outputs) / len(texts),
+                        "mean_chars": sum(map(len, texts)) / len(texts), "distinct_1": distinct(texts, 1),
+                        "distinct_2": distinct(texts, 2), "repeated_4gram": repeated / max(grams, 1),
+                        "examples": [(p, texts[i * samples]) for i, p in enumerate(prompts)]}
+    return report
+
+
+def print_generation(report, sampling, max_new_tokens):
+    print(f"\ngeneration ({', '.join(f'{k} {v}' for k, v in sampling.items())}, at most {max_new_tokens} new tokens)")
+    print(f"{'kind':10s} {'replies':>7s} {'stop rate':>9s} {'mean chars':>10s} {'distinct-1':>10s} "
+          f"{'distinct-2':>10s} {'repeated 4-grams':>16s}")
+    for kind, r in report.items():
+        print(f"{kind:10s} {r['replies']:7d} {100 * r['stop_rate']:8.1f}% {r['mean_chars']:10.1f} "
+              f"{r['distinct_1']:10.3f} {r['distinct_2']:10.3f} {100 * r['repeated_4gram']:15.1f}%")
+    for kind, r in report.items():
+        print(f"\n-- {kind}: the first reply to each prompt")
+        for prompt, text in r["examples"]:
+            print(f"{prompt!r} -> {text!r}")
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -332,13 +411,21 @@ def main(argv=None):
                         help='bits per character of each file (.jsonl with "text", or .txt one text a line)')
     parser.add_argument("--mcq", metavar="DIR", help="multiple choice: every C-Eval/CMMLU CSV in DIR")
     parser.add_argument("--shots", type=int, default=0, choices=range(6), help="few-shot examples per question")
+    parser.add_argument("--gen", nargs="?", const=str(GEN_PROMPTS), metavar="FILE",
+                        help="generation diagnostics (stop rate, distinct-n, repetition) on the prompts of FILE "
+                             f"(default {GEN_PROMPTS.relative_to(GEN_PROMPTS.parents[1])}), with model_sample.py's "
+                             "default sampling settings")
+    parser.add_argument("--gen_samples", type=int, default=4, help="--gen: replies per prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="--gen: new tokens per reply at most")
     parser.add_argument("--context", type=int, default=None, help="tokens per forward pass (default: the model's)")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     args = parser.parse_args(argv)
-    if not args.bpc and not args.mcq:
-        parser.error("nothing to evaluate: pass --bpc FILE [FILE ...] and/or --mcq DIR")
+    if not args.bpc and not args.mcq and not args.gen:
+        parser.error("nothing to evaluate: pass --bpc FILE [FILE ...], --mcq DIR and/or --gen")
+    if args.gen and args.hf:
+        parser.error("--gen goes with --ckpt (our decoding loop and chat template)")
     if args.tokenizer and args.hf:
         parser.error("--tokenizer goes with --ckpt; an --hf directory holds its own tokenizer")
     for flag in ("context", "batch_size"):
@@ -349,7 +436,8 @@ def main(argv=None):
               load_ours(args.ckpt, args.tokenizer, args.device, args.dtype, args.context))
         params = sum(p.numel() for p in lm.model.parameters())
         tasks = [f"bits per character of {len(args.bpc)} file(s)"] * bool(args.bpc) + [
-            f"multiple choice in {args.mcq}, {args.shots}-shot"] * bool(args.mcq)
+            f"multiple choice in {args.mcq}, {args.shots}-shot"] * bool(args.mcq) + [
+            f"generation on {args.gen}"] * bool(args.gen)
         print(f"model      {lm.name}, {params / 1e6:.2f}M parameters, {lm.device} {args.dtype}\n"
               f"tokenizer  {len(lm.tokenizer)} tokens; each text scored as "
               f"{lm.tokenizer.convert_ids_to_tokens(lm.start_id)} + text, <= {lm.context} tokens a window\n"
@@ -363,6 +451,10 @@ def main(argv=None):
                   f"{r['chars'] / r['tokens']:11.3f} {r['bits_per_token']:10.4f} {r['bpc']:7.4f}")
         if args.mcq:
             print_mcq(evaluate_mcq(lm, args.mcq, args.shots, args.batch_size), args.shots)
+        if args.gen:
+            report = generation_report(lm.generator, read_gen_prompts(args.gen), args.max_new_tokens,
+                                       args.gen_samples, **SAMPLING)
+            print_generation(report, SAMPLING, args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}") from None
 

@@ -171,21 +171,24 @@ class CausalLM(nn.Module):
 
     def forward(self, tokens, targets=None, loss_mask=None, reduction="mean"):
         """tokens, targets, loss_mask: [B, T]. Returns (logits [B, T, V], None) without targets,
-        else (logits, loss): cross-entropy over the positions where loss_mask is 1 (all if None).
+        else (logits, loss): cross-entropy weighted by loss_mask (1: trained, 0: not, a fraction:
+        trained with that weight, as sft.py's replayed pretraining text is; all 1 if None).
 
-        reduction="sum" lets the training loop divide by the mask count of a whole accumulated
-        batch, so every trained token weighs the same however the batch is split. Masked positions
-        become ignore_index rather than being gathered out: a boolean gather would force a
-        device-to-host sync and dynamic shapes, which stall the GPU and torch.compile.
+        reduction="sum" lets the training loop divide by the mask sum of a whole accumulated
+        batch, so every trained token weighs the same however the batch is split. Untrained positions
+        are weighted 0 rather than gathered out: a boolean gather would force a device-to-host sync
+        and dynamic shapes, which stall the GPU and torch.compile.
         """
         logits = self.output(self.hidden_states(tokens))
         if targets is None:
             return logits, None
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        weights = (targets != -100).flatten().float()
         if loss_mask is not None:
-            targets = targets.masked_fill(loss_mask == 0, -100)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            weights = weights * loss_mask.flatten()
+        loss = (losses * weights).sum()
         if reduction == "mean":
-            loss = loss / (targets != -100).sum().clamp(min=1)  # an all-masked batch gives 0, not NaN
+            loss = loss / weights.sum().clamp(min=1)  # an all-masked batch gives 0, not NaN
         return logits, loss
 
     def new_cache(self, batch, static=False) -> generation.KVCache:

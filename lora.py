@@ -37,6 +37,8 @@ from safetensors.torch import load_file, save_file
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the K-Model's attention and SwiGLU matrices
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 BASE_SHA256 = "base_model_sha256"  # the base's identity, in adapter_model.safetensors' metadata
+# the token embedding trained in full, and the head tied to it, as peft saves its modules_to_save
+EMBED_NAME, HEAD_NAME = "base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"
 
 
 class LoRALinear(nn.Module):
@@ -76,13 +78,23 @@ def has_adapters(model) -> bool:
     return bool(lora_layers(model))
 
 
-def add_lora(model, rank, alpha, targets=TARGETS, dropout=0.0):
+def trains_embeddings(model) -> bool:
+    """Whether a LoRA model trains its token embedding too (peft's modules_to_save)."""
+    return model.tok_embeddings.weight.requires_grad
+
+
+def add_lora(model, rank, alpha, targets=TARGETS, dropout=0.0, embeddings=False):
     """Freeze every weight of the model and wrap its linear layers named in `targets` (the last part
-    of the module name, e.g. wq) in LoRALinear, in place. Returns the model."""
+    of the module name, e.g. wq) in LoRALinear, in place. Returns the model.
+
+    embeddings=True also trains the token embedding in full (and with it the output head, tied to
+    it), as peft's modules_to_save does: a base that has never seen the chat template's tokens (a
+    pretrained-only model) can learn what they mean, which low-rank updates of the matrices cannot."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise ValueError(f"LoRA targets {unknown or 'none'}: choose from {','.join(TARGETS)}")
     model.requires_grad_(False)
+    model.tok_embeddings.weight.requires_grad_(embeddings)
     for name, module in list(model.named_modules()):
         parent, _, attr = name.rpartition(".")
         if isinstance(module, nn.Linear) and attr in targets:
@@ -138,6 +150,9 @@ def adapter_state(model) -> dict:
     """The adapters of a model as peft names them for the exported Llama (B of wq/wk in its row order)."""
     from export_hf import interleaved_to_halves, rope_heads
     state = {}
+    if trains_embeddings(model):  # peft's modules_to_save with the head tied: both names, one matrix
+        embedding = model.tok_embeddings.weight.detach().contiguous()
+        state.update({EMBED_NAME: embedding, HEAD_NAME: embedding.clone()})
     for name, layer in lora_layers(model).items():
         heads = rope_heads(name + ".weight", model.config)
         b = layer.lora_B.weight.detach()
@@ -157,7 +172,9 @@ def save_adapters(model, directory, base_path, base_sha256):
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.rank, "lora_alpha": first.alpha,
               "lora_dropout": first.dropout.p, "target_modules": sorted(peft_targets()[t] for t in targets),
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
-              "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": str(base_path)}
+              "modules_to_save": ["embed_tokens"] if trains_embeddings(model) else None,
+              "ensure_weight_tying": trains_embeddings(model), "inference_mode": True,
+              "base_model_name_or_path": str(base_path)}
     directory = Path(directory)
     save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS),
               metadata={"format": "pt", BASE_SHA256: base_sha256})
@@ -176,8 +193,12 @@ def read_adapter_config(directory) -> dict:
     except KeyError as e:
         raise ValueError(f"{directory}/{ADAPTER_CONFIG}: target module {e.args[0]!r} is not a K-Model linear layer "
                          f"(expected some of {sorted(ours)})") from None
+    saved = set(config.get("modules_to_save") or ())
+    if saved - {"embed_tokens", "model.embed_tokens"}:
+        raise ValueError(f"{directory}/{ADAPTER_CONFIG}: modules_to_save {sorted(saved)}: only the token embedding "
+                         "(embed_tokens) can be trained in full here")
     return {**config, "rank": config["r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
-            "targets": targets, BASE_SHA256: base_sha256}
+            "targets": targets, "embeddings": bool(saved), BASE_SHA256: base_sha256}
 
 
 def load_adapters(model, directory):
@@ -185,9 +206,15 @@ def load_adapters(model, directory):
     (the inverse of save_adapters). Returns the model, its base frozen, the adapters trainable."""
     from export_hf import halves_to_interleaved, rope_heads
     config = read_adapter_config(directory)
-    add_lora(model, config["rank"], config["alpha"], config["targets"], config["dropout"])
+    add_lora(model, config["rank"], config["alpha"], config["targets"], config["dropout"], config["embeddings"])
     saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
     expected = set()
+    if config["embeddings"]:
+        expected |= {EMBED_NAME, HEAD_NAME}
+        if EMBED_NAME not in saved:
+            raise ValueError(f"{directory}/{ADAPTER_WEIGHTS}: no {EMBED_NAME}, which modules_to_save promises")
+        with torch.no_grad():
+            model.tok_embeddings.weight.copy_(saved[EMBED_NAME])
     for name, layer in lora_layers(model).items():
         heads = rope_heads(name + ".weight", model.config)
         a_name, b_name = peft_name(name, "lora_A"), peft_name(name, "lora_B")

@@ -30,6 +30,8 @@ from runtime import bf16_supported
 REPO = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DIRS = {"pretrain": "out/pretrain", "sft": "out/sft"}
+# the default sampling settings of every script that writes text (eval.py --gen measures them)
+SAMPLING = dict(temperature=0.7, top_k=50, top_p=None, repetition_penalty=1.1)
 PRETRAIN_PROMPTS = ["北京", "人工智能", "今天天气"]
 SFT_PROMPTS = ["你好", "中国的首都是哪里？",
                SENTIMENT_QUESTION.format(review="房间很干净，服务员也很热情，下次还会再来住。"),
@@ -125,8 +127,7 @@ class TextGenerator:
         outputs = self.model.generate(batch, stop_ids=stop_ids, generator=generator, **sampling)
         return [self.tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
 
-    def pretrain_sample(self, start, num_samples=1, max_new_tokens=256, temperature=0.7, top_k=50,
-                        top_p=None, repetition_penalty=1.1, seed=None):
+    def pretrain_sample(self, start, num_samples=1, max_new_tokens=256, seed=None, **sampling):
         """Continue `start` (a string or a list of them; 'FILE:path' reads a file). Returns
         len(prompts) * num_samples continuations, all samples of the first prompt first. Each prompt
         starts with the tokenizer's BOS, as pretraining documents did (<s> here; happy-llm's
@@ -134,26 +135,23 @@ class TextGenerator:
         prompts = [start] if isinstance(start, str) else start
         ids = [[self.tokenizer.bos_token_id] + self.tokenizer.encode(read_prompt(p)) for p in prompts]
         return self._sample(ids, num_samples, (self.tokenizer.eos_token_id,), seed, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+                            **{**SAMPLING, **sampling})
 
-    def sft_sample(self, start, num_samples=1, max_new_tokens=256, temperature=0.7, top_k=50,
-                   top_p=None, repetition_penalty=1.1, seed=None):
+    def sft_sample(self, start, num_samples=1, max_new_tokens=256, seed=None, **sampling):
         """Answer `start` (a string or a list of them) as the assistant of a one-turn chat."""
         prompts = [start] if isinstance(start, str) else start
         ids = [encode_chat(self.tokenizer, [{"role": "user", "content": read_prompt(p)}]) for p in prompts]
         return self._sample(ids, num_samples, (self.im_end_id, self.tokenizer.eos_token_id), seed,
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty)
+                            max_new_tokens=max_new_tokens, **{**SAMPLING, **sampling})
 
-    def chat(self, max_new_tokens=256, temperature=0.7, top_k=50, top_p=None, repetition_penalty=1.1, seed=None):
+    def chat(self, max_new_tokens=256, seed=None, **sampling):
         """A streaming multi-turn chat on stdin/stdout. The history is re-encoded each turn and its
         oldest turns dropped so that prompt + reply fit in the context; Ctrl-C stops a reply."""
         max_len = self.model.config.max_seq_len
         room = min(max_new_tokens, max_len // 2)  # longer replies still work: generate() shifts the context
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, stop_ids=(self.im_end_id, self.tokenizer.eos_token_id),
-                        generator=generator)
+        sampling = dict(**{**SAMPLING, **sampling}, max_new_tokens=max_new_tokens, generator=generator,
+                        stop_ids=(self.im_end_id, self.tokenizer.eos_token_id))
         print(f"chatting with {self.checkpoint}: /reset clears the history, /quit or Ctrl-D leaves, "
               "Ctrl-C stops a reply")
         history = []
@@ -198,10 +196,10 @@ def main():
                         help="repeatable; FILE:path reads a file; default: a few fixed Chinese prompts")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    parser.add_argument("--top_k", type=int, default=50, help="0 or less: no top-k cut")
+    parser.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=SAMPLING["top_k"], help="0 or less: no top-k cut")
     parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling, in (0, 1]; default: off")
-    parser.add_argument("--repetition_penalty", type=float, default=1.1)
+    parser.add_argument("--repetition_penalty", type=float, default=SAMPLING["repetition_penalty"])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),

@@ -52,6 +52,10 @@ class TrainConfig:
                                      "(every 1/val_fraction-th sample; the embedded corpus has its own split)")
     tokenizer_dir: str = arg("tokenizer_k", "tokenizer directory (train_tokenizer.py)")
     cache_dir: str = arg("data/cache", "where the tokenised data is cached")
+    replay: float = arg(0.0, "SFT: this share of the training samples are pretraining windows (--replay_path), "
+                             "so fine-tuning does not forget the pretrained text; 0: none")
+    replay_path: str | None = arg(None, "SFT with --replay: the pretraining text to replay; None: the embedded "
+                                        "pretraining corpus")
     packing: bool = arg(True, "pretraining: pack documents into full windows of max_seq_len (false: one document "
                               "per row, cut or padded to max_seq_len, as happy-llm's PretrainDataset)")
     num_workers: int = arg(4, "DataLoader worker processes")
@@ -80,8 +84,13 @@ class TrainConfig:
     batch_size: int = arg(64, "samples per micro-batch per process")
     accumulation_steps: int = arg(8, "micro-batches per optimizer step")
     learning_rate: float = arg(2e-4, "peak learning rate")
-    warmup_iters: int = arg(0, "linear warmup steps before the cosine decay to learning_rate/10")
+    warmup_iters: int = arg(0, "linear warmup steps before the cosine decay")
+    final_lr_frac: float = arg(0.1, "the cosine ends at learning_rate times this (happy-llm: 0.1)")
     weight_decay: float = arg(0.1, "AdamW weight decay, applied to matrices only")
+    optimizer: str = arg("adamw", "adamw, or muon: Muon for the hidden matrices (at --muon_lr), AdamW for the "
+                                  "embeddings, head and norms (muon.py)", choices=["adamw", "muon"])
+    muon_lr: float = arg(0.02, "with --optimizer muon: the peak learning rate of the Muon matrices (the "
+                               "schedule scales it as it scales --learning_rate)")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = arg(42, "seed of the initial weights and the data order")
     # LoRA (lora.py) and DPO (dpo.py)
@@ -92,6 +101,8 @@ class TrainConfig:
     lora_targets: str = arg("wq,wk,wv,wo,w1,w2,w3", "LoRA: comma-separated linear layers to adapt (attention "
                                                     "wq,wk,wv,wo; SwiGLU w1,w2,w3)")
     lora_dropout: float = arg(0.0, "LoRA: dropout on the adapters' input")
+    lora_embeddings: bool = arg(False, "LoRA: also train the token embedding (tied to the output head) in full, "
+                                       "saved as peft's modules_to_save")
     beta: float = arg(0.1, "DPO: how far the policy may move from the reference (larger: closer to it)")
     sft_weight: float = arg(0.0, "DPO: add this times the chosen reply's mean token NLL to the loss (RPO), "
                                  "which keeps DPO from lowering the chosen reply's likelihood")
@@ -164,6 +175,8 @@ def parse_config(argv, description, defaults, embedded) -> TrainConfig:
         raise SystemExit(f"--max_steps {cfg.max_steps}: must be at least 1")
     if cfg.data_path is not None and not Path(cfg.data_path).is_file():
         raise SystemExit(f"--data_path {cfg.data_path}: no such file")
+    if not 0 <= cfg.replay < 1:
+        raise SystemExit(f"--replay {cfg.replay}: must be at least 0 and below 1 (a share of the samples)")
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
     if cfg.kind == "sft" and cfg.lora_rank:  # LoRA's own defaults: adapters apart from out/sft's full runs
@@ -188,6 +201,9 @@ def check_lora_and_dpo(cfg):
     if unknown:
         raise SystemExit(f"--lora_targets {cfg.lora_targets}: unknown {','.join(unknown)}; choose from "
                          f"{','.join(lora.TARGETS)}")
+    if cfg.lora_embeddings and (not cfg.lora_rank or cfg.kind == "dpo"):
+        raise SystemExit("--lora_embeddings: trains the embedding beside LoRA adapters (needs --lora_rank); not with "
+                         "dpo.py, whose reference is the base with the adapters off")
     if cfg.lora_rank and cfg.model_type == "gpt2":
         raise SystemExit("--lora_rank with --model gpt2: LoRA adapts the K-Model (its adapters are saved for the "
                          "exported Llama); the gpt2 baseline has none")

@@ -44,6 +44,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import checkpoint
+import muon
 from dataset import eval_loader, load_datasets, train_loader
 from runtime import Runtime, all_reduce, autocast, autocast_dtype, relaunch_for_gpus, setup_runtime, wrap_model
 from tracking import Tracker
@@ -53,11 +54,11 @@ from train_config import TrainConfig, parse_config
 # the schedule, one optimizer step, one evaluation
 
 
-def lr_at(step, peak, warmup, total, decay_start=None, decay_from=None):
+def lr_at(step, peak, warmup, total, decay_start=None, decay_from=None, final_frac=0.1):
     """happy-llm's schedule over optimizer steps: linear warmup from 0 to the peak, then a cosine
     from decay_from (default: the peak) at decay_start (default: the end of warmup) down to
-    peak/10 at step `total` (the same as transformers' cosine_with_min_lr)."""
-    min_lr = peak / 10
+    peak * final_frac at step `total` (with 0.1, transformers' cosine_with_min_lr)."""
+    min_lr = peak * final_frac
     decay_start = warmup if decay_start is None else decay_start
     decay_from = peak if decay_from is None else decay_from
     if step < warmup:
@@ -71,9 +72,21 @@ def lr_at(step, peak, warmup, total, decay_start=None, decay_from=None):
 def make_optimizer(model, cfg, device):
     # decay the matrices (embeddings, linear layers) only: shrinking norm gains and biases towards
     # zero fights the normalisation and gains nothing
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    vectors = [p for p in params.values() if p.dim() < 2]
+    if cfg.optimizer == "muon":
+        # the hidden matrices take Muon steps; the embedding (tied to the head) stays on AdamW.
+        # lr_scale: the loop sets every group's lr from one schedule, times the group's scale
+        per_token = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        per_token.add(id(model.output.weight))
+        hidden = [p for p in params.values() if p.dim() >= 2 and id(p) not in per_token]
+        rows = [p for p in params.values() if p.dim() >= 2 and id(p) in per_token]
+        return muon.MuonWithAdamW([
+            {"params": hidden, "use_muon": True, "weight_decay": cfg.weight_decay,
+             "lr_scale": cfg.muon_lr / cfg.learning_rate},
+            {"params": rows, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}])
+    groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
     # fused: one kernel for the whole update instead of several per parameter
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
                              fused=device.type in ("cuda", "cpu"))
@@ -112,7 +125,7 @@ def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp, units=
     n_trained, n_real = counts.tolist()
     n_real = int(n_real)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     loss_sum = torch.zeros((), device=rt.device)
     for i, batch in enumerate(micro_batches):
         x, y, mask = to_device(batch, rt.device)
@@ -190,7 +203,7 @@ class RunState:
 
     def lr(self, cfg):
         return lr_at(self.step, cfg.learning_rate, cfg.warmup_iters, self.total_steps,
-                     self.decay_start, self.decay_from)
+                     self.decay_start, self.decay_from, cfg.final_lr_frac)
 
 
 class TimeBudget:
@@ -278,7 +291,7 @@ def resume_state(cfg, rt, ckpt, steps_per_epoch, optimizer, scaler) -> RunState:
     state.total_steps, state.planned = total, not cfg.time_limit
     end = f"step {total}" if state.planned else f"the step --time_limit {cfg.time_limit:.0f}s plans (at most {total})"
     say(rt, f"resume with {', '.join(changed)}: re-planned from step {state.step} to {end}; the learning rate "
-        f"goes on from {lr_now:.3g} and decays by a cosine to {cfg.learning_rate / 10:.3g} at the last step")
+        f"goes on from {lr_now:.3g} and decays by a cosine to {cfg.learning_rate * cfg.final_lr_frac:.3g} at the last step")
     return state
 
 

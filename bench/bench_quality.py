@@ -4,6 +4,7 @@ trained for the same wall-clock time on this machine, judged on text no training
     python bench/bench_quality.py                                  # both arms at the README's budget
     python bench/bench_quality.py --arms ours --no_sft -- --learning_rate 3e-3   # one ablation row
     python bench/bench_quality.py --time_limit 1800 --sft_time_limit 600 -- --preset happy-llm-215m
+    python bench/bench_quality.py --arms ours --pretrained data/bench_quality/ours/pretrain --sft_extra "--replay 0.2"
 
 Arms (each `python pretrain.py` then `python sft.py` from its checkpoint, in processes of their own):
   ours       the embedded defaults of pretrain.py and sft.py, as the README's first command runs them;
@@ -28,6 +29,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import checkpoint  # noqa: E402
 import corpus  # noqa: E402
 import eval as lm_eval  # noqa: E402
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
@@ -78,6 +81,12 @@ def run(script, args, log_path):
     return time.time() - started
 
 
+def run_state(out_dir) -> dict:
+    """The step and tokens of a run's last checkpoint (a run stopped by its time limit logs its last
+    step only there)."""
+    return checkpoint.load_train_state(checkpoint.latest_checkpoint(out_dir))
+
+
 def last_record(out_dir, key):
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if key in r][-1]
@@ -91,18 +100,20 @@ def run_arm(name, args, work: Path, texts) -> dict:
     flags = ARMS[name]
     out = work / name
     common = ["--cache_dir", str(work / "cache"), "--plot", "false", "--overwrite"]
-    seconds = run("pretrain.py", [*common, "--out_dir", str(out / "pretrain"), "--time_limit", str(args.time_limit),
-                                  *flags["pretrain"], *args.extra], out.with_suffix(".pretrain.log"))
-    pretrained = out / "pretrain"
-    step = last_record(pretrained, "tokens")
-    row = {"arm": name, "extra": " ".join(args.extra), "seconds": round(seconds), "steps": step["step"],
-           "tokens": step["tokens"], **{f"{text}_bpc": bpc(pretrained, path) for text, path in texts.items()}}
+    seconds, pretrained = 0, Path(args.pretrained or out / "pretrain")
+    if not args.pretrained:
+        seconds = run("pretrain.py", [*common, "--out_dir", str(pretrained), "--time_limit", str(args.time_limit),
+                                      *flags["pretrain"], *args.extra], out.with_suffix(".pretrain.log"))
+    state = run_state(pretrained)
+    row = {"arm": name, "extra": " ".join([*args.extra, *(f"sft: {' '.join(args.sft_extra)}",) * bool(args.sft_extra)]),
+           "pretrained": str(pretrained), "seconds": round(seconds), "steps": state["step"],
+           "tokens": state["tokens"], **{f"{text}_bpc": bpc(pretrained, path) for text, path in texts.items()}}
     if args.no_sft:
         return row
     seconds = run("sft.py", [*common, "--init_from", str(pretrained), "--out_dir", str(out / "sft"),
-                             "--time_limit", str(args.sft_time_limit), *flags["sft"], *args.extra],
+                             "--time_limit", str(args.sft_time_limit), *flags["sft"], *args.extra, *args.sft_extra],
                   out.with_suffix(".sft.log"))
-    row.update(sft_seconds=round(seconds), sft_steps=last_record(out / "sft", "tokens")["step"],
+    row.update(sft_seconds=round(seconds), sft_steps=run_state(out / "sft")["step"],
                sentiment_acc=last_record(out / "sft", "sentiment_acc")["sentiment_acc"],
                news_bpc_after_sft=bpc(out / "sft", texts["news"]))
     return row
@@ -131,6 +142,9 @@ def main():
     parser.add_argument("--time_limit", type=float, default=360, help="seconds of pretraining per arm (README: 360)")
     parser.add_argument("--sft_time_limit", type=float, default=180, help="seconds of SFT per arm (README: 180)")
     parser.add_argument("--no_sft", action="store_true", help="pretraining and its BPC only")
+    parser.add_argument("--pretrained", help="an SFT ablation: start from this pretraining run (its BPC is reported "
+                                             "again) instead of pretraining; with one arm")
+    parser.add_argument("--sft_extra", default="", help="flags for the SFT runs only, as one string")
     parser.add_argument("--work_dir", default="data/bench_quality")
     parser.add_argument("--log", default="bench/quality_runs.jsonl")
     parser.add_argument("extra", nargs="*", help="after --: flags for every training run")
@@ -138,7 +152,11 @@ def main():
     arms = args.arms.split(",")
     if set(arms) - set(ARMS):
         raise SystemExit(f"--arms {args.arms}: choose from {','.join(ARMS)}")
+    if args.pretrained and len(arms) > 1:
+        raise SystemExit("--pretrained: name the one arm whose SFT recipe to run (--arms ours)")
+    args.sft_extra = args.sft_extra.split()
     work = (REPO / args.work_dir).resolve()
+    os.environ["TQDM_DISABLE"] = "1"  # the scoring's progress bars; the runs' own output goes to their logs
     news = corpus.embedded_paths(REPO / "data")["pretrain_val"]
     texts = {"news": news, "sanguo": sanguo_file(work / "sanguo.jsonl")}
     print(f"machine: {describe_machine()}; pretraining {args.time_limit:.0f}s, SFT {args.sft_time_limit:.0f}s per arm")

@@ -296,3 +296,35 @@ def test_unusable_files_raise_naming_the_file(tmp_path, cache, content, kind, me
     with pytest.raises((FileNotFoundError, ValueError), match=f"input.jsonl.*{message}"):
         build_store(path, TOKENIZER_DIR, kind, cache)
     assert not any(p.name.startswith("input") for p in cache.iterdir())  # no half-built store left behind
+
+
+def test_replay_mixes_pretraining_windows_weighted_like_an_average_reply(cache, belle_jsonl, pretrain_jsonl):
+    sft_store = build_store(belle_jsonl, TOKENIZER_DIR, "sft", cache)
+    sft = SFTDataset(sft_store, 64)
+    pretrain = PretrainDataset(build_store(pretrain_jsonl, TOKENIZER_DIR, "pretrain", cache), 64)
+    mixed = dataset.ReplayDataset(sft, sft_store, pretrain, share=0.2)
+    assert len(mixed) == len(sft) + round(len(sft) / 4)  # a fifth of the samples are replayed
+    assert all(torch.equal(mixed[i][0], sft[i][0]) for i in (0, len(sft) - 1))
+    x, y, mask = mixed[len(mixed) - 1]
+    assert torch.equal(x, pretrain[len(pretrain) - 1][0])  # spread over the whole corpus, to its end
+    # a whole window weighs what an average conversation's trained targets weigh
+    assert mask.is_floating_point() and mask.sum().item() == pytest.approx(sft_store.mask.sum() / len(sft_store))
+    x, y, mask = collate_batch([mixed[0], mixed[len(sft)]])
+    assert mask.is_floating_point() and torch.equal(mask[0, :len(sft[0][2])], sft[0][2].float())
+    assert collate_batch([sft[0], sft[1]])[2].dtype == torch.long  # no replay: the mask stays an integer mask
+
+
+def test_one_document_per_row_is_cut_or_padded_to_the_window(cache, pretrain_jsonl):
+    store = build_store(pretrain_jsonl, TOKENIZER_DIR, "pretrain", cache)
+    rows = dataset.DocumentDataset(store, 32)  # happy-llm's PretrainDataset (--packing false)
+    assert len(rows) == len(store)
+    lengths = [len(store.document(i)[0]) for i in range(len(store))]
+    short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
+    assert min(lengths) < 33 < max(lengths)
+    x, y, mask = rows[short]
+    doc = torch.from_numpy(store.document(short)[0].astype(np.int64))
+    assert len(x) == len(y) == len(mask) == 32  # every row a full window, however short its document
+    assert torch.equal(x[:len(doc)], doc[:32]) and torch.equal(y[:len(doc) - 1], doc[1:])
+    assert mask.sum() == len(doc) - 1 and not mask[len(doc) - 1:].any()  # the padding is never trained
+    x, y, mask = rows[long]
+    assert mask.all() and torch.equal(y, torch.from_numpy(store.document(long)[0][1:33].astype(np.int64)))

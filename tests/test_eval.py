@@ -244,3 +244,29 @@ def test_sft_reports_the_held_out_news_bpc_of_its_start_and_end(ours_and_export,
     line = capsys.readouterr().out
     scores = sft.news_bpc([run, other], path)
     assert f"{run} {scores[run]:.3f} -> {other} {scores[other]:.3f}" in line and scores[run] != scores[other]
+
+
+def test_generation_metrics_count_what_they_name():
+    assert ev.repetition("abcdabcd", n=4) == (1, 5)  # abcd comes back once among 5 4-grams
+    assert ev.repetition("abc", n=4) == (0, 0)
+    assert ev.distinct(["aab", "ab"], 1) == pytest.approx(2 / 5)
+    assert ev.distinct(["aab", "ab"], 2) == pytest.approx(2 / 3)
+
+
+def test_gen_reports_stop_rate_and_examples_per_kind(ours_and_export, monkeypatch, capsys):
+    _, _, ours, _ = ours_and_export
+    items = ev.read_gen_prompts(ev.GEN_PROMPTS)
+    assert {item["kind"] for item in items} == set(ev.GEN_KINDS)  # the shipped prompts cover every kind
+    # a model whose every reply stops at once, and one that never stops: stop rate 100% and 0%
+    im_end, eos = ours.generator.im_end_id, ours.tokenizer.eos_token_id
+    for stop_at_once, rate in ((True, 1.0), (False, 0.0)):
+        def fake_generate(prompts, max_new_tokens, stop_ids, **kw):
+            assert im_end in stop_ids or stop_ids == (eos,)
+            return [[] if stop_at_once else [7] * max_new_tokens for _ in prompts]
+        monkeypatch.setattr(ours.model, "generate", fake_generate)
+        report = ev.generation_report(ours.generator, items, max_new_tokens=5, samples=2)
+        assert all(r["stop_rate"] == rate and r["replies"] == 2 * len(r["examples"]) for r in report.values())
+    monkeypatch.undo()
+    ev.main(["--ckpt", str(ours_and_export[0]), "--gen", "--gen_samples", "1", "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert "stop rate" in out and "distinct-2" in out and "你好" in out

@@ -83,6 +83,26 @@ def test_same_forward_as_peft_on_the_exported_base_and_the_merged_export(base_ck
         assert (theirs.merge_and_unload()(tokens).logits - ours).abs().max() < 1e-5
 
 
+def test_trained_embeddings_are_saved_as_peft_modules_to_save(base_ckpt, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = lora.add_lora(checkpoint.load_model(base_ckpt), 4, 8.0, ("wq", "wv"), embeddings=True)
+    randomise_adapters(model)
+    with torch.no_grad():  # the embedding (and the head tied to it) moves away from the base's
+        model.tok_embeddings.weight.add_(0.05 * torch.randn_like(model.tok_embeddings.weight))
+    model.adapter_base = (base_ckpt.resolve(), checkpoint.weights_sha256(base_ckpt))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "tok_embeddings.weight" in trainable and all("lora_" in n for n in trainable - {"tok_embeddings.weight"})
+    ckpt = checkpoint.save_checkpoint(tmp_path / "lora", model.eval(), 2)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens"] and config["ensure_weight_tying"]
+    tokens = torch.randint(0, 97, (3, 40))
+    with torch.inference_mode():
+        ours = model(tokens)[0]
+        theirs = peft.PeftModel.from_pretrained(to_hf_llama(tiny()), str(ckpt)).eval()
+        assert (theirs(tokens).logits - ours).abs().max() < 1e-5
+        assert (checkpoint.load_model(ckpt)(tokens)[0] - ours).abs().max() < 1e-5  # merged, as export_hf.py writes
+
+
 def test_checkpoint_holds_the_adapters_in_peft_format_and_names_its_base(base_ckpt, tmp_path):
     model = adapted(base_ckpt)
     ckpt = checkpoint.save_checkpoint(tmp_path / "lora", model, 2, tokenizer_dir=TOKENIZER)

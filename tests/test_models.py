@@ -57,6 +57,12 @@ def test_shapes_and_masked_loss(make):
     # targets outside the mask do not matter at all
     y2 = torch.where(mask.bool(), y, (y + 1) % 97)
     assert torch.equal(model(x, y2, mask)[1], loss)
+    # a float mask weighs each target: the weighted mean of the per-token losses
+    weights = mask * 0.25
+    weights[0, 3] = 1.0
+    per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    expected = (per_token * weights).sum() / weights.sum()
+    assert torch.allclose(model(x, y, weights)[1], expected, atol=1e-5)
     # an all-masked batch gives zero loss, not NaN (happy-llm's SFT gave NaN here)
     _, empty = model(x, y, torch.zeros_like(mask))
     assert empty.item() == 0.0

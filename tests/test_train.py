@@ -369,3 +369,15 @@ def test_out_of_memory_at_the_first_step_halves_the_micro_batch(tmp_path, cache,
     with pytest.raises(SystemExit, match="CUDA out of memory with micro-batches of --batch_size 1 x 32 tokens: "
                                          "lower --batch_size"):
         trainer.train(one)
+
+
+def test_time_limit_without_fit_schedule_only_stops_the_run(tmp_path, cache, pretrain_jsonl):
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--epochs", 1000, "--time_limit", 6,
+                  "--fit_schedule", "false", "--save_interval", 10_000, "--out_dir", "cut", cwd=tmp_path, cache=cache)
+    per_epoch = int(re.search(r"([\d,]+) steps per epoch", done.stdout).group(1).replace(",", ""))
+    lrs = records(tmp_path / "cut", "lr")
+    last = max(lrs)
+    assert "time limit: stopping at step" in done.stdout and last < 1000 * per_epoch
+    # the cosine of all 1000 epochs, cut where the time ran out (as happy-llm's script stopped by hand)
+    for step in range(1, last + 1):
+        assert lrs[step] == pytest.approx(trainer.lr_at(step - 1, 3e-3, 0, 1000 * per_epoch))
