@@ -1,4 +1,14 @@
 """
+数据：把语料一次性分词成磁盘上的 token 存储，再切成训练样本 X、Y、loss_mask。
+阅读顺序：render_with_spans（对话模板与回复区间）-> TokenStore / build_store（内存映射的存储）->
+PretrainDataset（打包成满窗口，没有填充）-> DocumentDataset（happy-llm 的一行一篇、填充到 512）->
+SFTDataset（只在助手回复上计算损失）-> ReplayDataset（SFT 时混入预训练文本）-> collate_batch。
+可以动手试：python dataset.py --show 2 看哪些 token 参与训练；对比 --packing false 时的填充比例。
+
+Read in this order: render_with_spans -> TokenStore / build_store -> PretrainDataset ->
+DocumentDataset -> SFTDataset -> ReplayDataset -> collate_batch. Try: `python dataset.py --show 2`
+to see which tokens are trained; compare how much is padding with --packing false.
+
 Token store, datasets and sampler: what the training loop reads.
 
     store = build_store("seq_monkey_datawhale.jsonl", "tokenizer_k", "pretrain", "data/cache")
@@ -31,7 +41,6 @@ import functools
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import sys
@@ -43,8 +52,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, processors
 
-import corpus
-from runtime import local_rank_zero_first
+from core import corpus
 
 STORE_VERSION = 1  # bump when the store layout or the encoding changes: old caches are rebuilt
 BATCH_RECORDS = 2048  # records tokenised per encode_batch call: enough work for every core
@@ -179,6 +187,11 @@ def _encode_texts(texts, tokenizer, dtype):
 
 
 def _encode_conversations(rendered, tokenizer, dtype):
+    """The loss mask of SFT is built here. The rule: a token is trained (mask 1) exactly when its
+    first character lies in an assistant reply's span, the reply's closing <|im_end|> included;
+    the system and user turns, the template's own tokens (<|im_start|>assistant\n, the newline
+    after <|im_end|>) and padding are never trained. So the model learns to answer and to stop,
+    and never to write the user's side (render_with_spans finds the spans)."""
     texts = [text for text, _ in rendered]
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     tokens, lengths = _concatenated_ids(encodings, dtype)
@@ -204,7 +217,7 @@ def _first_trained(mask, lengths):
 
 
 def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore:
-    """The token store of `path` (pretraining texts or SFT conversations, any format corpus.py
+    """The token store of `path` (pretraining texts or SFT conversations, any format core/corpus.py
     reads), built on first use under cache_dir and reused while the file and tokenizer are unchanged.
     Raises FileNotFoundError / ValueError with a message naming the file."""
     if kind not in ("pretrain", "sft"):
@@ -365,38 +378,6 @@ class ReplayDataset(torch.utils.data.Dataset):
         return x, y, mask * self.weight
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """The sample order of one epoch: a permutation fixed by (seed, epoch), read from global
-    position `start` on, dealt round-robin to the ranks. The first global batch of B samples is
-    permutation[start:start + B] whatever the number of ranks, and a resumed run passes the
-    position it had reached, so it sees exactly the samples it had not yet seen.
-
-    The permutation stays a numpy array (int32: 80 MB for 20M windows, where a list of Python ints
-    took ~700 MB) and is handed out a chunk at a time, as the DataLoader asks for indices."""
-
-    CHUNK = 1 << 16  # indices turned into Python ints at a time
-
-    def __init__(self, num_samples, seed, epoch=0, start=0, rank=0, world_size=1):
-        self.num_samples, self.seed, self.epoch = num_samples, seed, epoch
-        self.start, self.rank, self.world_size = start, rank, world_size
-
-    def _indices(self):
-        # shuffling an arange in place draws the same numbers as permutation(n), so the order (and
-        # with it every resumed run) is what it was when this made an int64 permutation
-        order = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 1 << 31 else np.int64)
-        np.random.default_rng([self.seed, self.epoch]).shuffle(order)
-        return order[self.start + self.rank::self.world_size]
-
-    def __iter__(self):
-        indices = self._indices()
-        # Python ints (i * seq_len must not wrap at 2**31), one chunk at a time; chain walks each
-        # chunk at C speed, where a generator yielding them one by one costs half the epoch's time
-        chunks = (indices[i:i + self.CHUNK].tolist() for i in range(0, len(indices), self.CHUNK))
-        return itertools.chain.from_iterable(chunks)
-
-    def __len__(self):
-        return len(range(self.start + self.rank, self.num_samples, self.world_size))
-
 # -----------------------------------------------------------------------------
 # for learners: what exactly is trained
 
@@ -416,79 +397,6 @@ def show_sample(ds, i, tokenizer: Tokenizer, trained=("\033[32m", "\033[0m")) ->
         text = tokenizer.decode(tokens, skip_special_tokens=False)
         out.append(f"{trained[0]}{text}{trained[1]}" if flag else text)
     return "".join(out)
-
-
-# -----------------------------------------------------------------------------
-# what the training loop reads: the datasets of a run, its hold-out split and its loaders
-
-
-class Holdout(torch.utils.data.Dataset):
-    """Every k-th sample of `ds` (the validation split) or all the others (the training split): a
-    deterministic split spread over the whole file, in O(1) memory however large the corpus."""
-
-    def __init__(self, ds, k, validation):
-        self.ds, self.k, self.validation = ds, k, validation
-        self.n_val = math.ceil(len(ds) / k)
-
-    def __len__(self):
-        return self.n_val if self.validation else len(self.ds) - self.n_val
-
-    def __getitem__(self, i):
-        # training index i skips every multiple of k: 1..k-1, k+1..2k-1, ...
-        return self.ds[i * self.k] if self.validation else self.ds[i + i // (self.k - 1) + 1]
-
-
-def load_datasets(cfg, rt):
-    """(train, validation) datasets of a run; tokenised once and cached by build_store. The
-    embedded corpus has its own validation files; a --data_path is split by Holdout."""
-    dataset_class = (SFTDataset if cfg.kind != "pretrain" else PretrainDataset if cfg.packing else DocumentDataset)
-    with local_rank_zero_first(rt):
-        try:
-            if cfg.data_path is None:
-                paths = corpus.embedded_paths()
-                train_path = paths[f"{cfg.kind}_train"]
-                val_path = paths["pretrain_val" if cfg.kind == "pretrain" else "sft_test"]
-            else:
-                train_path, val_path = Path(cfg.data_path), None
-            stores = [build_store(p, cfg.tokenizer_dir, cfg.kind, cfg.cache_dir) for p in (train_path, val_path) if p]
-            data = [dataset_class(store, cfg.max_seq_len) for store in stores]
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(str(e)) from None
-    if val_path is None:
-        k = max(2, round(1 / cfg.val_fraction))
-        data = [Holdout(data[0], k, validation=False), Holdout(data[0], k, validation=True)]
-    if cfg.kind == "sft" and cfg.replay:
-        data[0] = ReplayDataset(data[0], stores[0], replay_windows(cfg, rt), cfg.replay)
-    return data[0], data[1]
-
-
-def replay_windows(cfg, rt) -> PretrainDataset:
-    """The pretraining text an SFT run replays: --replay_path, else the embedded pretraining corpus."""
-    path = cfg.replay_path or corpus.embedded_paths()["pretrain_train"]
-    with local_rank_zero_first(rt):
-        try:
-            return PretrainDataset(build_store(path, cfg.tokenizer_dir, "pretrain", cfg.cache_dir), cfg.max_seq_len)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--replay_path {e}") from None
-
-
-def train_loader(ds, cfg, rt, epoch, position):
-    """This rank's share of the global batches of one epoch, from global sample `position` on."""
-    sampler = EpochSampler(len(ds), cfg.seed, epoch=epoch, start=position, rank=rt.rank, world_size=rt.world_size)
-    # its own generator: otherwise the loader draws its worker seed from the global RNG, and a
-    # resumed run (which makes a new loader mid-epoch) would see a different dropout sequence
-    return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_batch, drop_last=True,
-        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed))
-
-
-def eval_loader(ds, cfg, rt):
-    """The same first samples of the validation set at every evaluation, sharded over the ranks."""
-    n = min(len(ds), cfg.eval_batches * cfg.batch_size * rt.world_size)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=range(rt.rank, n, rt.world_size),
-                                       collate_fn=collate_batch, num_workers=0,
-                                       generator=torch.Generator())  # see train_loader
 
 
 def main(argv=None):

@@ -1,6 +1,13 @@
 """
+DPO：用“更好 / 更差”的回复对直接优化偏好，不需要奖励模型，也不需要采样。
+阅读顺序：偏好数据（_preference_pair、PairDataset）-> sequence_logps -> DPOLoss（含 --sft_weight 的 RPO 项）-> DPO。
+可以动手试：调大 --beta 看策略离参考模型多远；去掉 --sft_weight 看两条回复的概率一起下降。
+
+Read in this order: the pairs (_preference_pair, PairDataset) -> sequence_logps -> DPOLoss -> DPO.
+Try: a larger --beta; no --sft_weight, and watch both replies' likelihoods fall together.
+
 Direct Preference Optimization (Rafailov et al. 2023): learn from pairs of a chosen and a rejected
-reply to the same prompt, with no reward model and no sampling (trainer.py holds the loop).
+reply to the same prompt, with no reward model and no sampling (core/trainer.py holds the loop).
 
     python dpo.py                                    # the embedded default: sentiment pairs, from out/sft, ~5 min
     python dpo.py --data_path dpo.jsonl --init_from out/sft --beta 0.1
@@ -42,13 +49,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-import corpus
-import lora
-import sft
-from dataset import PAD_ID, Holdout, SFTDataset, TokenStore, build_store
-from runtime import local_rank_zero_first
-from trainer import Objective, main
+from core import checkpoint, corpus, lora
+from core.evaluation import sentiment_evals
+from core.loaders import holdout_split
+from core.runtime import local_rank_zero_first
+from core.trainer import Objective, main
+from dataset import PAD_ID, SFTDataset, TokenStore, build_store
 
 DEFAULTS = dict(kind="dpo", out_dir="out/dpo", learning_rate=1e-5,
                 init_from="out/sft" if checkpoint.latest_checkpoint("out/sft") else None)
@@ -93,7 +99,7 @@ def _preference_pair(rec):
 def iter_preference_pairs(path, stats=None, progress=False):
     """(chosen, rejected) conversations of a preference file; bad lines are skipped and counted."""
     hint = 'JSON Lines of preference pairs: {"prompt", "chosen", "rejected"} or {"chosen": [...], "rejected": [...]}'
-    return corpus._read_records(path, lambda line: _preference_pair(corpus._json(line)), hint, stats, progress)
+    return corpus.read_records(path, lambda line: _preference_pair(corpus.parse_json(line)), hint, stats, progress)
 
 
 def sentiment_pairs(path, stats=None, progress=False):
@@ -114,7 +120,7 @@ def build_pair_store(path, tokenizer_dir, cache_dir="data/cache", pairs=iter_pre
     flat = Path(cache_dir) / f"{path.stem}-{pairs.__name__}-{key}.jsonl"
     if not flat.is_file() or flat.stat().st_mtime_ns < path.stat().st_mtime_ns:
         flat.parent.mkdir(parents=True, exist_ok=True)
-        corpus._write_jsonl(flat, (side for pair in pairs(path, progress=True) for side in pair))
+        corpus.write_jsonl(flat, (side for pair in pairs(path, progress=True) for side in pair))
     return build_store(flat, tokenizer_dir, "sft", cache_dir)
 
 
@@ -145,7 +151,7 @@ class PairDataset(SFTDataset):
 
 
 def load_pair_datasets(cfg, rt):
-    """(train, validation) PairDatasets: the embedded sentiment pairs, or a --data_path split by Holdout."""
+    """(train, validation) PairDatasets: the embedded sentiment pairs, or a --data_path split by holdout_split."""
     with local_rank_zero_first(rt):
         try:
             if cfg.data_path is None:
@@ -159,8 +165,7 @@ def load_pair_datasets(cfg, rt):
             raise SystemExit(str(e)) from None
     if len(data) == 2:
         return data[0], data[1]
-    k = max(2, round(1 / cfg.val_fraction))
-    return Holdout(data[0], k, validation=False), Holdout(data[0], k, validation=True)
+    return holdout_split(data[0], cfg.val_fraction)
 
 
 # -----------------------------------------------------------------------------
@@ -248,4 +253,4 @@ class DPO(Objective):
 
 
 if __name__ == "__main__":
-    main(__doc__, DEFAULTS, EMBEDDED, sft.evals_for, objective=DPO())
+    main(__doc__, DEFAULTS, EMBEDDED, sentiment_evals, objective=DPO())

@@ -48,35 +48,15 @@ import gguf
 import numpy as np
 from tokenizers import Tokenizer
 
-from checkpoint import latest_checkpoint, load_model
-from corpus import DEFAULT_SYSTEM
+from core.checkpoint import latest_checkpoint, load_model
+from core.corpus import DEFAULT_SYSTEM
+from core.llama_layout import gguf_name
 from k_model import Transformer
 
 REPO = Path(__file__).resolve().parent
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
-TOP_TENSORS = {"tok_embeddings.weight": gguf.MODEL_TENSOR.TOKEN_EMBD, "norm.weight": gguf.MODEL_TENSOR.OUTPUT_NORM,
-               "output.weight": gguf.MODEL_TENSOR.OUTPUT}
-LAYER_TENSORS = {
-    "attention_norm.weight": gguf.MODEL_TENSOR.ATTN_NORM,
-    "attention.wq.weight": gguf.MODEL_TENSOR.ATTN_Q,
-    "attention.wk.weight": gguf.MODEL_TENSOR.ATTN_K,
-    "attention.wv.weight": gguf.MODEL_TENSOR.ATTN_V,
-    "attention.wo.weight": gguf.MODEL_TENSOR.ATTN_OUT,
-    "ffn_norm.weight": gguf.MODEL_TENSOR.FFN_NORM,
-    "feed_forward.w1.weight": gguf.MODEL_TENSOR.FFN_GATE,
-    "feed_forward.w3.weight": gguf.MODEL_TENSOR.FFN_UP,
-    "feed_forward.w2.weight": gguf.MODEL_TENSOR.FFN_DOWN,
-}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-
-
-def gguf_name(name: str) -> str:
-    """GGUF's name of one of our tensors: "layers.3.attention.wq.weight" -> "blk.3.attn_q.weight"."""
-    if name in TOP_TENSORS:
-        return gguf.TENSOR_NAMES[TOP_TENSORS[name]] + ".weight"
-    _, layer, rest = name.split(".", 2)
-    return gguf.TENSOR_NAMES[LAYER_TENSORS[rest]].format(bid=int(layer)) + ".weight"
 
 
 def encode_tensor(w, dtype: str):

@@ -34,11 +34,19 @@ import torch
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from swanlab.integration.transformers import SwanLabCallback
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling,
-                          Qwen2Config, Trainer, pipeline, set_seed)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    Qwen2Config,
+    Trainer,
+    pipeline,
+    set_seed,
+)
 
-import corpus
-from hf_common import print_config, resolve_device, start_swanlab, training_arguments
+from core import corpus
+from core.hf_common import print_config, resolve_device, start_swanlab, training_arguments
 
 PROMPTS = ["人工智能", "牛顿", "北京市", "亚洲历史"]
 
@@ -121,9 +129,9 @@ def block_datasets(data_path, tokenizer, block_size, num_proc, cache_dir):
     try:
         raw = load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
     except DatasetGenerationError as e:
-        # datasets stops at the first bad line; corpus.py's reader skips bad lines and counts them
+        # datasets stops at the first bad line; core/corpus.py's reader skips bad lines and counts them
         raise SystemExit(f"--data_path {path}: not clean JSON Lines ({e.__cause__ or e}); write a clean copy "
-                         f"with `python corpus.py chunk --data_path {path} --out clean.jsonl`") from None
+                         f"with `python deal_dataset.py chunk --data_path {path} --out clean.jsonl`") from None
     if "text" not in raw.column_names:
         raise SystemExit(f"--data_path {path}: records have {raw.column_names}, need a 'text' field")
     splits = raw.train_test_split(test_size=0.1, seed=2333)

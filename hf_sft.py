@@ -2,7 +2,7 @@
 Supervised fine-tuning with transformers.Trainer: the instruct/input/label recipe, kept beside our
 hand-written sft.py so the two can be read side by side.
 
-    records (instruct/input/label, BelleGroup, alpaca, minimind, happy-llm lists: corpus.py reads them all;
+    records (instruct/input/label, BelleGroup, alpaca, minimind, happy-llm lists: core/corpus.py reads them all;
     {"instruct", "input", "label"} becomes the user turn instruct + "\n" + input and the reply label)
     -> one example per assistant reply: prompt = the chat before it (ChatML, system 你是一个AI助手,
        ending with the generation prompt <|im_start|>assistant\\n), target = reply + <|im_end|>
@@ -27,8 +27,8 @@ from datasets.exceptions import DatasetGenerationError
 from swanlab.integration.transformers import SwanLabCallback
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
 
-import corpus
-from hf_common import print_config, resolve_device, start_swanlab, training_arguments
+from core import corpus
+from core.hf_common import print_config, resolve_device, start_swanlab, training_arguments
 
 STOP = "<|im_end|>"  # ChatML's end of a turn: the token an answer must end with
 SAMPLE_QUESTIONS = ["你好，你是谁？", "判断下面这条评论的情感是正面还是负面。\n房间很干净，服务也很热情。", "介绍一下北京。"]
@@ -37,7 +37,7 @@ SAMPLE_QUESTIONS = ["你好，你是谁？", "判断下面这条评论的情感�
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_path", help="SFT records, any format corpus.py reads (default: embedded data)")
+    p.add_argument("--data_path", help="SFT records, any format core/corpus.py reads (default: embedded data)")
     p.add_argument("--init_from", default="out/hf_pretrain",
                    help="a transformers model dir: hf_pretrain.py's output or export_hf.py's")
     p.add_argument("--tokenizer_dir", help="default: the tokenizer saved in --init_from")
@@ -134,7 +134,7 @@ def build_datasets(data_path, collator, eval_size, cache_dir):
         ds = Dataset.from_generator(reply_examples, cache_dir=cache_dir,
                                     gen_kwargs={"path": str(path), "stamp": (stat.st_size, stat.st_mtime)})
     except DatasetGenerationError as e:
-        # corpus.py's reader skips and counts bad lines; it raises ValueError (naming the file and the
+        # core/corpus.py's reader skips and counts bad lines; it raises ValueError (naming the file and the
         # formats it reads) only for an empty file or one that is mostly bad. datasets wraps that.
         if isinstance(e.__cause__, ValueError):
             raise SystemExit(f"--data_path {e.__cause__}") from None

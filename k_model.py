@@ -1,4 +1,15 @@
 """
+K-Model：Llama2 结构的解码器（只含网络本身），从上往下读即可。
+阅读顺序：ModelConfig（尺寸）-> RMSNorm -> RoPE（rope_tables / apply_rope，对应 happy-llm 的
+precompute_freqs_cis / apply_rotary_emb）-> Attention（GQA，对应 repeat_kv）-> SwiGLU（happy-llm 的
+MLP）-> DecoderLayer -> CausalLM（位置、带掩码的损失）-> Transformer。
+可以动手试：改 n_kv_heads 看 KV 缓存与参数量的变化；把 tie_embeddings 设为 False；
+在 RMSNorm 里去掉 float() 看 bf16 下的损失。
+
+Read in this order: ModelConfig -> RMSNorm -> RoPE -> Attention (GQA) -> SwiGLU -> DecoderLayer ->
+CausalLM -> Transformer. Try: change n_kv_heads and watch the KV cache and the parameter count;
+untie the embeddings; drop the float() in RMSNorm and watch the loss under bf16.
+
 The K-Model: a Llama2-style decoder-only Transformer, the network alone, read top to bottom.
 
     tokens -> embedding -> n_layers x [ x + Attention(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ]
@@ -7,7 +18,7 @@ The K-Model: a Llama2-style decoder-only Transformer, the network alone, read to
 config -> RMSNorm -> RoPE -> attention (grouped-query, through F.scaled_dot_product_attention:
 flash / memory-efficient kernels where available) -> SwiGLU -> decoder layer -> CausalLM (what
 both models of this repo share: positions, the masked loss, generate/stream) -> Transformer.
-Decoding itself (KV cache, samplers, the loop) is in generation.py; the GPT2-style baseline in
+Decoding itself (KV cache, samplers, the loop) is in core/generation.py; the GPT2-style baseline in
 gpt2_model.py builds on the same CausalLM, so every script trains and samples either.
 
 Sizes: ModelConfig() is 82.59M parameters; happy-llm's K-Model 215M is
@@ -21,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import generation
+from core import generation
 
 
 @dataclass

@@ -1,5 +1,12 @@
 """
-Pretraining: next-token prediction on packed windows of raw text (trainer.py holds the loop).
+预训练：在打包好的原始文本窗口上做下一个 token 预测（训练循环在 core/trainer.py）。
+阅读顺序：本文件只有默认值（DEFAULTS 与内置语料的 EMBEDDED），然后读 core/trainer.py 的 train。
+可以动手试：--time_limit 600 训练更久；--optimizer adamw 对比 Muon；--preset happy-llm-215m 换成教程的尺寸。
+
+Read in this order: the defaults here, then core/trainer.py's train. Try: --time_limit 600;
+--optimizer adamw against Muon; --preset happy-llm-215m, the tutorial's size.
+
+Pretraining: next-token prediction on packed windows of raw text (core/trainer.py holds the loop).
 
     python pretrain.py                          # the embedded default: a tiny K-Model, ~6 min on a 2-core CPU
     python pretrain.py --data_path seq_monkey_datawhale.jsonl --gpus 0,1    # happy-llm's 215M K-Model
@@ -12,7 +19,7 @@ no position is padding. Validation loss, perplexity and bits per character of th
 are printed before the first step, every --eval_interval steps and after the last.
 """
 
-from trainer import main
+from core.trainer import main
 
 # happy-llm's ddp_pretrain.py settings for real data (TrainConfig's defaults are the rest)
 DEFAULTS = dict(kind="pretrain", out_dir="out/pretrain")

@@ -18,7 +18,7 @@ POST /v1/completions (raw continuation after <s>, as pretraining saw text); GET 
 Sampling: temperature (default 1, 0 is greedy), top_p, max_tokens, stop (up to 4 strings), seed,
 and, as in vLLM, top_k and repetition_penalty. `stream: true` answers with server-sent events.
 
-Continuous batching (engine.py): one scheduler thread owns the model and a KV cache of --max_batch
+Continuous batching (core/engine.py): one scheduler thread owns the model and a KV cache of --max_batch
 rows; a request joins the running batch at the next decoding step and leaves it the step it ends,
 so concurrent clients share each step's matrix products instead of queueing behind one another.
 
@@ -53,9 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from starlette.exceptions import HTTPException
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from export_hf import from_hf_llama
-from engine import Generation, QueueFull, Scheduler
-from model_sample import DTYPES, TextGenerator, device_and_dtype, encode_chat
+from core.engine import Generation, QueueFull, Scheduler
+from core.hf_llama import from_hf_llama
+from core.inference import DTYPES, TextGenerator, device_and_dtype, encode_chat
 
 CHAT_PAGE = Path(__file__).resolve().with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20

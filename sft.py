@@ -1,11 +1,18 @@
 """
+监督微调（SFT）：ChatML 对话，只在助手回复上计算损失（掩码在 dataset.py 的 SFTDataset 里构造）。
+阅读顺序：DEFAULTS / EMBEDDED（内置情感任务与对话）-> lora_defaults（--lora_rank）-> 训练循环同 pretrain.py。
+可以动手试：--replay 0 看 SFT 对新闻 BPC 的影响；--lora_rank 8 --lora_embeddings 对比全参数微调。
+
+Read in this order: DEFAULTS / EMBEDDED -> lora_defaults -> the loop, as for pretrain.py.
+Try: --replay 0 and watch the news BPC after SFT; --lora_rank 8 --lora_embeddings against full SFT.
+
 Supervised fine-tuning: ChatML conversations, with the loss on the assistant replies only
-(trainer.py holds the loop; dataset.SFTDataset builds the loss mask).
+(core/trainer.py holds the loop; dataset.SFTDataset builds the loss mask).
 
     python sft.py                                     # the embedded default: continues out/pretrain, ~3 min
     python sft.py --data_path BelleGroup_sft.jsonl    # happy-llm's SFT, from out/pretrain
     python sft.py --data_path my.jsonl --init_from out/pretrain/ckpt-0020000 --gpus 0,1
-    python sft.py --lora_rank 8                       # LoRA: adapters on the frozen out/sft model, in out/lora (lora.py)
+    python sft.py --lora_rank 8                       # LoRA: adapters on the frozen out/sft model, in out/lora (core/lora.py)
 
 Starts from --init_from (default: out/pretrain when it holds a checkpoint; with --lora_rank, out/sft
 when it does), keeping its model size.
@@ -17,9 +24,9 @@ ended with: what pretraining bought, and what SFT on chat cost it.
 
 import os
 
-import checkpoint
-import corpus
-from trainer import main
+from core import checkpoint, corpus
+from core.evaluation import NEWS_TEXTS, news_bpc, sentiment_evals
+from core.trainer import main
 
 DEFAULTS = dict(kind="sft", out_dir="out/sft",
                 init_from="out/pretrain" if checkpoint.latest_checkpoint("out/pretrain") else None)
@@ -29,35 +36,13 @@ DEFAULTS = dict(kind="sft", out_dir="out/sft",
 EMBEDDED = dict(batch_size=4, accumulation_steps=4, learning_rate=1e-3, warmup_iters=10, time_limit=180,
                 epochs=100, eval_interval=100, eval_batches=400, log_interval=10, save_interval=200,
                 num_workers=0)
-ANSWER_BATCH = 50  # questions answered together: the prefill of a batch holds batch x prompt x prompt scores
-NEWS_TEXTS = 250  # held-out news paragraphs scored at the end of an embedded run: seconds per model
 
 
-def evals_for(cfg):
-    """The embedded run's held-out sentiment accuracy (greedy answers, 4 new tokens at most)."""
-    if cfg.data_path is not None:
-        return {}
-    from transformers import PreTrainedTokenizerFast  # for the chat template; only the embedded run needs it
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.tokenizer_dir)
-    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    items = corpus.sentiment_test_set(corpus.embedded_paths()["sft_test"])
-
-    def answer(model, prompts):
-        ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for p in prompts]
-        replies = []
-        for i in range(0, len(ids), ANSWER_BATCH):
-            replies += model.generate(ids[i:i + ANSWER_BATCH], max_new_tokens=4, temperature=0, stop_ids=(stop,))
-        return [tokenizer.decode(r) for r in replies]
-
-    return {"sentiment_acc": lambda model: corpus.sentiment_accuracy(items, lambda p: answer(model, p))[0]}
-
-
-def news_bpc(checkpoints, path, n_texts=NEWS_TEXTS) -> dict:
-    """{checkpoint: bits per character of the first n_texts texts of path}, scored as eval.py --bpc does."""
-    import eval as lm_eval  # transformers and the model loaders: only the end of an embedded run needs them
-    return {ckpt: lm_eval.bits_per_char(lm_eval.load_ours(ckpt), path, max_texts=n_texts)["bpc"]
-            for ckpt in checkpoints}
+def lora_defaults():
+    """With --lora_rank: adapters in out/lora, apart from the full runs of out/sft, and trained on the
+    chat model when there is one: a pretrained-only base has never seen the chat template's tokens
+    (bench/RESULTS.md, LoRA; --lora_embeddings trains their embeddings too)."""
+    return dict(out_dir="out/lora", **({"init_from": "out/sft"} if checkpoint.latest_checkpoint("out/sft") else {}))
 
 
 def report_news_bpc(result):
@@ -71,6 +56,6 @@ def report_news_bpc(result):
 
 
 if __name__ == "__main__":
-    result = main(__doc__, DEFAULTS, EMBEDDED, evals_for)
+    result = main(__doc__, DEFAULTS, EMBEDDED, sentiment_evals, lora_defaults=lora_defaults)
     if result["config"]["data_path"] is None and os.environ.get("RANK", "0") == "0":
         report_news_bpc(result)

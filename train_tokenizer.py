@@ -1,4 +1,11 @@
 """
+训练字节级 BPE 分词器，写入 tokenizer_k/（transformers 格式，带 ChatML 对话模板）。
+阅读顺序：SPECIAL_TOKENS 与 CHAT_TEMPLATE -> train（不做 NFKC 归一化，保留中文标点）-> save -> 检查往返。
+可以动手试：把 --vocab_size 改小或改大，用 bench/bench_tokenizer.py 看每个 token 平均覆盖几个字。
+
+Read in this order: SPECIAL_TOKENS and CHAT_TEMPLATE -> train (no NFKC: Chinese punctuation
+stays) -> save -> the round-trip check. Try: another --vocab_size, measured by bench/bench_tokenizer.py.
+
 Train the byte-level BPE tokenizer and write it to tokenizer_k/ in transformers' format.
 
     python train_tokenizer.py                      # embedded default corpus -> tokenizer_k/
@@ -30,7 +37,7 @@ import time
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import corpus
+from core import corpus
 
 DEFAULT_MAX_CHARS = 20_000_000
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

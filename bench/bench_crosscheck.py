@@ -22,12 +22,13 @@ from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corpus  # noqa: E402
-from dataset import EpochSampler, PretrainDataset, build_store  # noqa: E402
-from export_hf import to_hf_llama  # noqa: E402
-from k_model import ModelConfig, Transformer  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core import corpus  # noqa: E402
+from core.hf_llama import to_hf_llama  # noqa: E402
+from core.loaders import EpochSampler  # noqa: E402
+from dataset import PretrainDataset, build_store  # noqa: E402
+from k_model import ModelConfig, Transformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

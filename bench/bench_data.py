@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corpus  # noqa: E402
-from dataset import EpochSampler, SFTDataset, build_store  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core import corpus  # noqa: E402
+from core.loaders import EpochSampler  # noqa: E402
+from dataset import SFTDataset, build_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 512
@@ -47,7 +48,8 @@ SAMPLER_WINDOWS = 20_000_000
 CHILD = """
 import resource, sys, time
 sys.path.insert(0, {code!r})
-from dataset import EpochSampler, build_store
+from core.loaders import EpochSampler
+from dataset import build_store
 status = lambda key: next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key))
 rss_before = status("VmRSS")
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])

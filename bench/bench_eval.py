@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corpus  # noqa: E402
-import eval as ev  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core import corpus  # noqa: E402
+from core import evaluation as ev  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MCQ = REPO / "tests" / "mcq"

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export_hf import to_hf_llama  # noqa: E402
-from k_model import ModelConfig, Transformer  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core.hf_llama import to_hf_llama  # noqa: E402
+from k_model import ModelConfig, Transformer  # noqa: E402
 
 SIZES = {
     "dim 256, 4 layers": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4),

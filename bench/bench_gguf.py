@@ -38,14 +38,14 @@ from tokenizers import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-import corpus  # noqa: E402
-from checkpoint import latest_checkpoint, load_model  # noqa: E402
+from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+from test_export import tiny  # noqa: E402
+
+from core import corpus  # noqa: E402
+from core.checkpoint import latest_checkpoint, load_model  # noqa: E402
+from core.train_config import PRESETS, TrainConfig  # noqa: E402
 from export_gguf import FILE_TYPES, write_gguf  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
-from test_export import tiny  # noqa: E402
-from train_config import PRESETS, TrainConfig  # noqa: E402
-
-from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 PROMPT = "人工智能是"
 THREADS = 2

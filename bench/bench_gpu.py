@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corpus  # noqa: E402
-import trainer  # noqa: E402
-from checkpoint import build_model  # noqa: E402
-from dataset import collate_batch  # noqa: E402
-from runtime import Runtime  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-from train_config import PRESETS, TrainConfig  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+from tokenizers import Tokenizer  # noqa: E402
+
+from core import corpus  # noqa: E402
+from core import optim  # noqa: E402
+from core import trainer  # noqa: E402
+from core.checkpoint import build_model  # noqa: E402
+from core.runtime import Runtime  # noqa: E402
+from core.train_config import PRESETS, TrainConfig  # noqa: E402
+from dataset import collate_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, SXM data sheets
@@ -97,7 +98,7 @@ def time_recipe(preset, recipe, batches, warmup, device):
         step_model = model
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        optimizer = trainer.make_optimizer(model, cfg, device)
+        optimizer = optim.make_optimizer(model, cfg, device)
         step_model = torch.compile(model) if recipe == "compiled" else model
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -36,14 +36,15 @@ from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import checkpoint  # noqa: E402
-import lora  # noqa: E402
-import sft  # noqa: E402
-import trainer  # noqa: E402
-from runtime import Runtime  # noqa: E402
-from train_config import PRESETS, TrainConfig  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core import checkpoint  # noqa: E402
+from core import lora  # noqa: E402
+from core import optim  # noqa: E402
+from core import trainer  # noqa: E402
+from core.evaluation import sentiment_evals  # noqa: E402
+from core.runtime import Runtime  # noqa: E402
+from core.train_config import PRESETS, TrainConfig  # noqa: E402
 
 
 def peak_memory():
@@ -60,7 +61,7 @@ def memory_child(preset, rank):
         lora.add_lora(model, rank, 16.0)
     model.to(device)
     cfg = TrainConfig()
-    optimizer = trainer.make_optimizer(model, cfg, device)
+    optimizer = optim.make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     tokens = torch.randint(5, 6144, (1, 257))
     batch = [(tokens[:, :-1], tokens[:, 1:], torch.ones(1, 256, dtype=torch.long))]
@@ -75,7 +76,7 @@ def child(script, argv):
     if script == "memory":
         return memory_child(argv[0], int(argv[1]))
     module = importlib.import_module(script)
-    evals_for = None if script == "pretrain" else sft.evals_for
+    evals_for = None if script == "pretrain" else sentiment_evals
     objective = module.DPO() if script == "dpo" else None
     result = trainer.main(module.__doc__, module.DEFAULTS, module.EMBEDDED, evals_for, argv=argv, objective=objective)
     print("BENCH " + json.dumps({**result, **peak_memory()}), flush=True)

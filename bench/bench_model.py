@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from gpt2_model import GPT2, GPT2Config  # noqa: E402
 from k_model import ModelConfig, Transformer  # noqa: E402
-
-from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def step_time(model, batch, seq, steps, warmup, dtype, device):
@@ -62,8 +62,8 @@ def main():
     print(f"machine: {describe_machine()}")
     print(f"dim {args.dim}, {args.n_layers} layers, batch {args.batch} x {args.seq} tokens, "
           f"mean of {args.steps} steps after {args.warmup} warmup; step = forward + backward + AdamW\n")
-    print(f"| model | params | dtype | ms/step | tokens/s | vs K-Model fp32 |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | params | dtype | ms/step | tokens/s | vs K-Model fp32 |")
+    print("|---|---|---|---|---|---|")
     base = None
     for name, make in models.items():
         for dtype in dtypes:

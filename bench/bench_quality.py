@@ -37,10 +37,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import checkpoint  # noqa: E402
-import corpus  # noqa: E402
-import eval as lm_eval  # noqa: E402
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core import checkpoint  # noqa: E402
+from core import corpus  # noqa: E402
+from core import evaluation  # noqa: E402
 
 ARMS = {
     "ours": dict(pretrain=[], sft=[]),
@@ -66,7 +67,7 @@ def sanguo_file(out: Path) -> Path:
     chapters = json.loads(source.read_text(encoding="utf-8"))[:SANGUO_CHAPTERS]
     paragraphs = [line.strip() for chapter in chapters for line in chapter.splitlines() if line.strip()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    corpus._write_jsonl(out, ({"text": p} for p in paragraphs))
+    corpus.write_jsonl(out, ({"text": p} for p in paragraphs))
     return out
 
 
@@ -93,7 +94,7 @@ def last_record(out_dir, key):
 
 
 def bpc(ckpt, path):
-    return lm_eval.bits_per_char(lm_eval.load_ours(str(ckpt), context=BPC_CONTEXT), path)["bpc"]
+    return evaluation.bits_per_char(evaluation.load_ours(str(ckpt), context=BPC_CONTEXT), path)["bpc"]
 
 
 def run_arm(name, args, work: Path, texts) -> dict:

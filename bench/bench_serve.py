@@ -28,11 +28,11 @@ from transformers import PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from checkpoint import build_model, save_checkpoint  # noqa: E402
-from model_sample import encode_chat  # noqa: E402
-from train_config import PRESETS  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core.checkpoint import build_model, save_checkpoint  # noqa: E402
+from core.inference import encode_chat  # noqa: E402
+from core.train_config import PRESETS  # noqa: E402
 
 TOPICS = ["北京", "人工智能", "长城", "熊猫", "春节", "黄河", "茶叶", "高铁", "围棋", "书法", "京剧", "丝绸之路",
           "月饼", "太极拳", "西湖", "故宫"]

@@ -17,10 +17,10 @@ import tokenizers
 from tokenizers import normalizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corpus  # noqa: E402
-import train_tokenizer  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+import train_tokenizer  # noqa: E402
+from core import corpus  # noqa: E402
 
 VOCAB_SIZE = 6144
 CHINESE_PUNCT = "，。！？：；（）“”、《》"

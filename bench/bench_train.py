@@ -13,7 +13,6 @@
 """
 
 import argparse
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -23,14 +22,15 @@ import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import corpus  # noqa: E402
-import trainer  # noqa: E402
-from runtime import Runtime, autocast_dtype  # noqa: E402
-from train_config import PRESETS, TrainConfig  # noqa: E402
-from checkpoint import build_model  # noqa: E402
-from dataset import PretrainDataset, build_store, collate_batch  # noqa: E402
-
 from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from core import corpus  # noqa: E402
+from core import optim  # noqa: E402
+from core import trainer  # noqa: E402
+from core.checkpoint import build_model  # noqa: E402
+from core.runtime import Runtime, autocast_dtype  # noqa: E402
+from core.train_config import PRESETS, TrainConfig  # noqa: E402
+from dataset import PretrainDataset, build_store, collate_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # dense bf16/fp16 tensor-core peaks from the vendors' data sheets (SXM parts)
@@ -64,7 +64,7 @@ def time_steps(model, batches, warmup, device, amp, compile_model):
     """Seconds per optimizer step (mean over len(batches) - warmup steps) and real tokens per step."""
     cfg = TrainConfig()
     rt = Runtime(device)
-    optimizer = trainer.make_optimizer(model, cfg, device)
+    optimizer = optim.make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.fast_dtype == torch.float16 if amp else False)
     step_model = torch.compile(model) if compile_model else model
     for i, batch in enumerate(batches):

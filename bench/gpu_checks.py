@@ -54,8 +54,9 @@ def check_captured_decoding():
 
 
 def check_serving():
-    import engine  # serve.py's scheduler; needs no web framework
     from transformers import PreTrainedTokenizerFast
+
+    from core import engine  # serve.py's scheduler; needs no web framework
     tokenizer = PreTrainedTokenizerFast.from_pretrained(REPO / "tokenizer_k")
     model = decisive_model(torch.float32, max_seq_len=128)
     prompts = [[1] + list(range(5, 5 + n)) for n in (3, 17, 60, 100, 40, 9)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import corpus
+from core import corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "tokenizer_k"

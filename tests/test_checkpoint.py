@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import config_mismatch, latest_checkpoint, load_model, load_train_state, save_checkpoint
+from core import checkpoint
+from core.checkpoint import config_mismatch, latest_checkpoint, load_model, load_train_state, save_checkpoint
 from gpt2_model import GPT2, GPT2Config
 from k_model import ModelConfig, Transformer
 

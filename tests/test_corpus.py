@@ -1,16 +1,15 @@
-"""corpus.py: every accepted format, every bad-input case, the embedded default corpus, the CLI."""
+"""core/corpus.py and deal_dataset.py: every accepted format, every bad-input case, the embedded default corpus, the CLI."""
 import json
 import re
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
-
-import corpus
-
 from conftest import REPO
+
+import deal_dataset
+from core import corpus
 
 SYSTEM = {"role": "system", "content": "你是一个AI助手"}
 
@@ -160,10 +159,10 @@ def test_wrong_path_and_empty_file(tmp_path):
 def test_chunk_and_sft_conversion(tmp_path, belle_jsonl):
     src = write_lines(tmp_path / "seq_monkey.jsonl", [{"text": "字" * 1100}, {"text": "短文"}])
     out = tmp_path / "seq_monkey_datawhale.jsonl"
-    corpus.chunk_file(src, out)
+    deal_dataset.chunk_file(src, out)
     assert [len(t) for t in corpus.iter_pretrain_texts(out)] == [512, 512, 76, 2]
     out = tmp_path / "BelleGroup_sft.jsonl"
-    corpus.sft_file(belle_jsonl, out)
+    deal_dataset.sft_file(belle_jsonl, out)
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1000
     first = json.loads(lines[0])
@@ -173,12 +172,12 @@ def test_chunk_and_sft_conversion(tmp_path, belle_jsonl):
 
 def test_failed_conversion_leaves_no_file(tmp_path, belle_jsonl):
     with pytest.raises(ValueError, match="unusable"):
-        corpus.chunk_file(belle_jsonl, tmp_path / "out.jsonl")
+        deal_dataset.chunk_file(belle_jsonl, tmp_path / "out.jsonl")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "corpus.py", "sft", "--data_path", str(tmp_path / "x.json"),
+    run = subprocess.run([sys.executable, "deal_dataset.py", "sft", "--data_path", str(tmp_path / "x.json"),
                           "--out", str(tmp_path / "y.jsonl")], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip() == f"{tmp_path / 'x.json'}: no such file"

@@ -4,20 +4,26 @@ import json
 import pickle
 import shutil
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TOKENIZER_DIR
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-import corpus
 import dataset
-from dataset import (EpochSampler, PretrainDataset, SFTDataset, build_store, collate_batch, load_chat_template,
-                     render_with_spans, show_sample)
-
-from conftest import TOKENIZER_DIR
+from core import corpus
+from core.loaders import EpochSampler
+from dataset import (
+    PretrainDataset,
+    SFTDataset,
+    build_store,
+    collate_batch,
+    load_chat_template,
+    render_with_spans,
+    show_sample,
+)
 
 TOKENIZER = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
 IM_END = "<|im_end|>"

@@ -10,17 +10,14 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RUN, write_jsonl
+from conftest import TOKENIZER_DIR as TOKENIZER
 
-import checkpoint
-import corpus
 import dpo
-import lora
-import trainer
+from core import checkpoint, corpus, lora, trainer
 from dataset import SFTDataset, build_store, collate_batch
 from dpo import PairDataset, build_pair_store, iter_preference_pairs
 from k_model import ModelConfig, Transformer
-
-from conftest import TINY_RUN, TOKENIZER_DIR as TOKENIZER, write_jsonl
 
 PROMPT, CHOSEN, REJECTED = [1, 7, 3, 9, 12], [20, 21, 4], [30, 4]  # token ids; replies end with a stop id
 
@@ -105,7 +102,7 @@ def test_loss_equals_trl_dpo_trainer(tmp_path, sft_weight):
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
 
-    from export_hf import to_hf_llama
+    from core.hf_llama import to_hf_llama
     policy, reference, beta = tiny(0, 6144), tiny(1, 6144), 0.3
     tokenizer = PreTrainedTokenizerFast.from_pretrained(TOKENIZER)
     # trl's "sft" term is the mean NLL over every chosen token of the batch, ours the mean over pairs of

@@ -6,15 +6,16 @@ cross-check against lm-evaluation-harness where it is installed."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from pathlib import Path
 
-import eval as ev
-from checkpoint import TOKENIZER_FILES, save_checkpoint
-from export_hf import to_hf_llama
+import eval as eval_command
+from core import evaluation as ev
+from core.checkpoint import TOKENIZER_FILES, save_checkpoint
+from core.hf_llama import to_hf_llama
 from k_model import ModelConfig, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_checkpoint_and_its_export_give_the_same_bpc(ours_and_export, tmp_path, 
     a, b = ev.bits_per_char(ours, path), ev.bits_per_char(theirs, path)
     assert a["tokens"] == b["tokens"] and abs(a["bpc"] - b["bpc"]) < 1e-4
     for flag, where in (("--ckpt", run), ("--hf", hf_dir)):  # the command line prints the same figure
-        ev.main([flag, str(where), "--bpc", str(path), "--device", "cpu"])
+        eval_command.main([flag, str(where), "--bpc", str(path), "--device", "cpu"])
         assert f"{a['bpc']:7.4f}" in capsys.readouterr().out
 
 
@@ -153,7 +154,7 @@ def test_accuracy_counts_per_subject_and_few_shot_files(ours_and_export, capsys)
     results = ev.evaluate_mcq(lm, MCQ, shots=5)
     assert [(r["subject"], r["items"], r["correct"], r["fewer_shots"]) for r in results] == [
         ("geography", 4, 1, 0), ("history", 4, 1, 0)]  # one B answer in each, every prompt with its 5 shots
-    ev.print_mcq(results, 5)
+    eval_command.print_mcq(results, 5)
     out = capsys.readouterr().out
     assert "chance 25.0%" in out and "overall                 8     25.0%" in out
     assert "letters picked: A 0, B 8, C 0, D 0" in out
@@ -191,7 +192,7 @@ def test_bad_csv_is_one_line_naming_file_and_row(ours_and_export, tmp_path, cont
     run = ours_and_export[0]
     (tmp_path / "bad.csv").write_text(content, encoding="utf-8")
     with pytest.raises(SystemExit) as e:
-        ev.main(["--ckpt", str(run), "--mcq", str(tmp_path), "--device", "cpu"])
+        eval_command.main(["--ckpt", str(run), "--mcq", str(tmp_path), "--device", "cpu"])
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -204,7 +205,7 @@ def test_bad_csv_is_one_line_naming_file_and_row(ours_and_export, tmp_path, cont
 def test_bad_arguments_are_one_line(ours_and_export, argv, message):
     argv = argv if argv[0] == "--hf" else ["--ckpt", str(ours_and_export[0]), "--device", "cpu", *argv]
     with pytest.raises(SystemExit) as e:
-        ev.main(argv)
+        eval_command.main(argv)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -236,13 +237,13 @@ def test_sft_reports_the_held_out_news_bpc_of_its_start_and_end(ours_and_export,
     run, _, ours, _ = ours_and_export
     other = saved(tmp_path, tiny(max_seq_len=32, tie_embeddings=False, dim=32))
     path = write_jsonl(tmp_path / "news.jsonl", TEXTS)
-    assert sft.news_bpc([run], path)[run] == pytest.approx(ev.bits_per_char(ours, path)["bpc"], rel=1e-6)
+    assert ev.news_bpc([run], path)[run] == pytest.approx(ev.bits_per_char(ours, path)["bpc"], rel=1e-6)
     first_two = write_jsonl(tmp_path / "two.jsonl", TEXTS[:2])
-    assert sft.news_bpc([run], path, n_texts=2)[run] == pytest.approx(ev.bits_per_char(ours, first_two)["bpc"])
+    assert ev.news_bpc([run], path, n_texts=2)[run] == pytest.approx(ev.bits_per_char(ours, first_two)["bpc"])
     monkeypatch.setattr(sft.corpus, "embedded_paths", lambda: {"pretrain_val": path})
     sft.report_news_bpc({"config": {"init_from": str(run)}, "checkpoint": str(other)})
     line = capsys.readouterr().out
-    scores = sft.news_bpc([run, other], path)
+    scores = ev.news_bpc([run, other], path)
     assert f"{run} {scores[run]:.3f} -> {other} {scores[other]:.3f}" in line and scores[run] != scores[other]
 
 
@@ -267,6 +268,6 @@ def test_gen_reports_stop_rate_and_examples_per_kind(ours_and_export, monkeypatc
         report = ev.generation_report(ours.generator, items, max_new_tokens=5, samples=2)
         assert all(r["stop_rate"] == rate and r["replies"] == 2 * len(r["examples"]) for r in report.values())
     monkeypatch.undo()
-    ev.main(["--ckpt", str(ours_and_export[0]), "--gen", "--gen_samples", "1", "--max_new_tokens", "4"])
+    eval_command.main(["--ckpt", str(ours_and_export[0]), "--gen", "--gen_samples", "1", "--max_new_tokens", "4"])
     out = capsys.readouterr().out
     assert "stop rate" in out and "distinct-2" in out and "你好" in out

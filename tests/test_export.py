@@ -13,8 +13,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import export_hf
-from checkpoint import save_checkpoint
-from export_hf import from_hf_llama, to_hf_llama
+from core import llama_layout
+from core.checkpoint import save_checkpoint
+from core.hf_llama import from_hf_llama, to_hf_llama
 from gpt2_model import GPT2, GPT2Config
 from k_model import ModelConfig, Transformer
 
@@ -65,8 +66,8 @@ def test_rope_permutation_is_the_halves_convention():
     # one head of dim 8: rows (0,1) (2,3) (4,5) (6,7) are rotated together in ours; in transformers
     # (0,4) (1,5) (2,6) (3,7)
     w = torch.arange(8.0)[:, None]
-    assert export_hf.interleaved_to_halves(w, 1).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
-    assert torch.equal(export_hf.halves_to_interleaved(export_hf.interleaved_to_halves(w, 1), 1), w)
+    assert llama_layout.interleaved_to_halves(w, 1).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert torch.equal(llama_layout.halves_to_interleaved(llama_layout.interleaved_to_halves(w, 1), 1), w)
 
 
 def test_exported_dir_loads_with_no_custom_code(tmp_path):

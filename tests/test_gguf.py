@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
-
-import corpus
-import export_gguf
-from checkpoint import save_checkpoint
-from export_gguf import gguf_name, modelfile, write_gguf
-from export_hf import interleaved_to_halves
-from gpt2_model import GPT2, GPT2Config
 from test_export import tiny
+
+import export_gguf
+from core import corpus
+from core.checkpoint import save_checkpoint
+from core.llama_layout import gguf_name, interleaved_to_halves
+from export_gguf import modelfile, write_gguf
+from gpt2_model import GPT2, GPT2Config
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tokenizer_k"

@@ -3,16 +3,15 @@ checkpoints that reload, the SFT loss mask, a learned stop token, and agreement 
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, write_jsonl
+from conftest import TOKENIZER_DIR as TOKENIZER
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import hf_pretrain
 import hf_sft
-
-from conftest import REPO, TOKENIZER_DIR as TOKENIZER, write_jsonl
 
 IM_END = "<|im_end|>"
 TINY = ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4", "--num_kv_heads", "2",
@@ -79,7 +78,7 @@ def test_pretrain_bad_inputs_name_the_file_and_the_fix(tmp_path, tokenizer):
     assert "empty" in error(tmp_path / "empty.jsonl")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "第一篇"}\n{"text": "第二\n', encoding="utf-8")
-    assert "python corpus.py chunk" in error(broken)
+    assert "python deal_dataset.py chunk" in error(broken)
     path = write_jsonl(tmp_path / "sft.jsonl", [{"instruct": "a", "input": "", "label": "b"}] * 3)
     assert "need a 'text' field" in error(path)
     assert "lower --block_size" in error(write_jsonl(tmp_path / "tiny.jsonl", [{"text": "短"}] * 10))
@@ -201,7 +200,7 @@ def test_sentiment_accuracy_draws_a_fair_subset(tmp_path, monkeypatch):
 def test_sft_starts_from_an_exported_k_model(tmp_path, monkeypatch, belle_jsonl):
     # export_hf.py's output is a plain LlamaForCausalLM directory: hf_sft.py fine-tunes it as is
     import export_hf
-    from checkpoint import save_checkpoint
+    from core.checkpoint import save_checkpoint
     from k_model import ModelConfig, Transformer
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128))

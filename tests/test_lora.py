@@ -7,18 +7,17 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_RUN
+from conftest import TOKENIZER_DIR as TOKENIZER
 from safetensors.torch import load_file
 
-import checkpoint
-import lora
 import sft
-import trainer
-from export_hf import to_hf_llama
+from core import checkpoint, lora, trainer
+from core.evaluation import sentiment_evals
+from core.hf_llama import to_hf_llama
+from core.inference import TextGenerator
+from core.train_config import parse_config
 from k_model import ModelConfig, Transformer
-from model_sample import TextGenerator
-from train_config import parse_config
-
-from conftest import TINY_RUN, TOKENIZER_DIR as TOKENIZER
 
 
 def tiny(vocab_size=97, **kw):
@@ -134,7 +133,8 @@ def test_checkpoint_holds_the_adapters_in_peft_format_and_names_its_base(base_ck
 
 def run_sft(*args):
     """sft.py in this process, as the command line would run it."""
-    return trainer.main(sft.__doc__, sft.DEFAULTS, sft.EMBEDDED, sft.evals_for, argv=[*TINY_RUN, *map(str, args)])
+    return trainer.main(sft.__doc__, sft.DEFAULTS, sft.EMBEDDED, sentiment_evals, argv=[*TINY_RUN, *map(str, args)],
+                        lora_defaults=sft.lora_defaults)
 
 
 def test_sft_with_lora_trains_adapters_resumes_and_refuses_another_base(tmp_path, monkeypatch, belle_jsonl):
@@ -179,7 +179,8 @@ def test_lora_run_defaults_to_the_chat_model_and_out_lora(tmp_path, monkeypatch)
     defaults = {**sft.DEFAULTS, "init_from": "out/pretrain"}  # what sft.py sets where out/pretrain holds one
 
     def parsed(*argv):
-        return parse_config(["--tokenizer_dir", str(TOKENIZER), *argv], sft.__doc__, defaults, sft.EMBEDDED)
+        return parse_config(["--tokenizer_dir", str(TOKENIZER), *argv], sft.__doc__, defaults, sft.EMBEDDED,
+                            sft.lora_defaults)
     # no SFT model yet: the pretrained one
     assert (parsed("--lora_rank", "8").init_from, parsed("--lora_rank", "8").out_dir) == (str(pretrained), "out/lora")
     chat = checkpoint.save_checkpoint("out/sft", model, 20, tokenizer_dir=TOKENIZER)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.generation import apply_repetition_penalty, decode_step, prefill, sample_next
 from gpt2_model import GPT2, GPT2Config
-from generation import apply_repetition_penalty, decode_step, prefill, sample_next
 from k_model import ModelConfig, Transformer
 
 
@@ -243,7 +243,7 @@ def test_the_captured_decoding_path_gives_the_eager_tokens(monkeypatch):
     """On CUDA, decoding replays one captured step over a static cache (every step reads all
     max_len slots). Here the capture is replaced by a plain call, so the rest of that path (static
     shapes, the copy into the input buffer, refilling full rows) runs on the CPU."""
-    import generation
+    from core import generation
 
     class Replayed(generation.DecodeStep):
         def __init__(self, model, cache, compile=False):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import plot
+from core import plotting
 
 
 def write_run(run_dir, records, tail=""):
@@ -40,7 +41,7 @@ def lines_of(ax):
 
 def test_panels_and_curves_of_overlaid_runs(runs):
     pretrain, sft = runs
-    fig = plot.draw([pretrain, sft])
+    fig = plotting.draw([pretrain, sft])
     axes = {ax.get_title(): ax for ax in fig.axes}
     assert list(axes) == ["loss (train solid, validation dashed)", "validation bits per character",
                           "learning rate", "training tokens/s", "sentiment_acc"]
@@ -59,17 +60,17 @@ def test_png_written_to_the_first_run_by_default(runs, capsys):
     png = pretrain / "curves.png"
     assert capsys.readouterr().out.splitlines()[-1] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert plot.plot_runs([sft], sft / "a" / "b.png") == sft / "a" / "b.png" and (sft / "a" / "b.png").is_file()
+    assert plotting.plot_runs([sft], sft / "a" / "b.png") == sft / "a" / "b.png" and (sft / "a" / "b.png").is_file()
 
 
 def test_tokens_at_interpolates_between_logged_steps():
     train = [train_record(s) for s in (10, 20)]
-    assert np.allclose(plot.tokens_at([0, 5, 10, 15, 20], train), [0, 20480, 40960, 61440, 81920])
+    assert np.allclose(plotting.tokens_at([0, 5, 10, 15, 20], train), [0, 20480, 40960, 61440, 81920])
 
 
 def test_half_written_last_line_is_skipped(tmp_path, capsys):
     run = write_run(tmp_path / "killed", [train_record(10), train_record(20)], tail='{"step": 30, "lo')
-    train, evals = plot.read_metrics(run)
+    train, evals = plotting.read_metrics(run)
     assert [r["step"] for r in train] == [10, 20] and evals == []
     assert "skipped 1 unreadable lines (first: line 3)" in capsys.readouterr().err
 

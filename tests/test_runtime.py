@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import checkpoint
-import runtime
-from train_config import TrainConfig
+from core import checkpoint, runtime
+from core.train_config import TrainConfig
 
 
 class Probe(nn.Module):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import model_sample
-from checkpoint import save_checkpoint
+from core.checkpoint import save_checkpoint
+from core.inference import StreamDecoder, TextGenerator, encode_chat, fit_history
 from k_model import ModelConfig, Transformer
-from model_sample import StreamDecoder, TextGenerator, encode_chat, fit_history
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6144, max_seq_len=128)
@@ -184,7 +184,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat(gen, monkeypatch, capsys):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(gen.model, "stream", stream)
-    gen.chat()
+    model_sample.chat(gen)
     out = capsys.readouterr().out
     assert out.count("tokens/s") == 2 and "[stopped]" in out
     assert "<|im_start|>assistant\n好<|im_end|>" in prompts[1]  # the partial reply stays in the history

@@ -19,12 +19,12 @@ import torch
 import uvicorn
 
 import serve
-from checkpoint import copy_tokenizer, save_checkpoint
-from corpus import DEFAULT_SYSTEM
-from export_hf import to_hf_llama
+from core.checkpoint import copy_tokenizer, save_checkpoint
+from core.corpus import DEFAULT_SYSTEM
+from core.engine import Generation, Scheduler
+from core.hf_llama import to_hf_llama
+from core.inference import encode_chat
 from k_model import ModelConfig, Transformer
-from model_sample import encode_chat
-from engine import Generation, Scheduler
 from serve import create_app, load_for_serving
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,18 +83,18 @@ def wait_until(condition, limit=30.0):
 def gated(scheduler):
     """Hold the scheduler inside its decoding steps until the gate is set; `busy` records how many
     rows each step decoded."""
-    gate, step, busy = threading.Event(), scheduler.step, []
+    gate, step, busy = threading.Event(), scheduler.decoder.decode, []
 
     def held_step(*args):
         busy.append(scheduler.n_busy)
         gate.wait()
         return step(*args)
-    scheduler.step = held_step
+    scheduler.decoder.decode = held_step
     try:
         yield SimpleNamespace(open=gate.set, busy=busy)
     finally:
         gate.set()
-        scheduler.step = step
+        scheduler.decoder.decode = step
 
 
 @pytest.fixture(scope="module")
@@ -352,11 +352,11 @@ def test_client_that_leaves_frees_its_row(served):
 
 
 def test_failing_step_fails_the_request_not_the_server(server, capsys):
-    step = server.scheduler.step
+    step = server.scheduler.decoder.decode
 
     def broken(*args):
         raise RuntimeError("simulated failure")
-    server.scheduler.step = broken
+    server.scheduler.decoder.decode = broken
     try:
         with pytest.raises(openai.InternalServerError) as e:
             server.client.completions.create(model="tiny", prompt="北京", max_tokens=5)
@@ -365,7 +365,7 @@ def test_failing_step_fails_the_request_not_the_server(server, capsys):
         with pytest.raises(openai.APIError, match="failed while decoding"):
             list(stream)
     finally:
-        server.scheduler.step = step
+        server.scheduler.decoder.decode = step
     assert "simulated failure" in capsys.readouterr().err  # the cause is in the server's log only
     assert server.client.completions.create(model="tiny", prompt="北京", max_tokens=3).usage.completion_tokens
 
@@ -389,7 +389,7 @@ def test_scheduler_alone_matches_generate(served, device):
     # captured per batch size over a static cache
     model, tokenizer = tiny().to(device), served[1]
     scheduler = Scheduler(model, max_batch=8)
-    assert (scheduler.captured is not None) == (device == "cuda")
+    assert (scheduler.decoder.captured is not None) == (device == "cuda")
     prompts = [[1] + list(range(5, 5 + n)) for n in (3, 17, 60, 100)]  # the last two outgrow the context
     done = [threading.Event() for _ in prompts]
     generations = [Generation(p, tokenizer, DOC_STOP, lambda event, d=d: event[0] != "text" and d.set(),
@@ -415,16 +415,16 @@ def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch):
 @contextmanager
 def slowed(scheduler, seconds):
     """Each decoding step takes at least `seconds`: tokens arrive in the browser one by one."""
-    step = scheduler.step
+    step = scheduler.decoder.decode
 
     def slow_step(*args):
         time.sleep(seconds)
         return step(*args)
-    scheduler.step = slow_step
+    scheduler.decoder.decode = slow_step
     try:
         yield
     finally:
-        scheduler.step = step
+        scheduler.decoder.decode = step
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: `apt-get install chromium` (.ci/run does)")

@@ -2,15 +2,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import REPO, TOKENIZER_DIR
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 import train_tokenizer
-
-from conftest import REPO, TOKENIZER_DIR
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
+from conftest import TOKENIZER_DIR as TOKENIZER
 from safetensors.torch import load_file
 
-import train_config
-import trainer
+from core import optim, schedule, train_config, trainer
+from core.runtime import Runtime
 from dataset import SFTDataset, build_store, collate_batch
 from k_model import ModelConfig, Transformer
-from runtime import Runtime
-
-from conftest import REPO, TOKENIZER_DIR as TOKENIZER
 
 TINY = ["--preset", "tiny", "--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1",
         "--max_seq_len", "32", "--batch_size", "4", "--accumulation_steps", "1", "--learning_rate", "3e-3",
@@ -70,12 +69,12 @@ def assert_one_line_error(done, *fragments):
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     peak, warmup, total = 1e-3, 10, 110
-    lrs = [trainer.lr_at(s, peak, warmup, total) for s in range(total + 5)]
+    lrs = [schedule.lr_at(s, peak, warmup, total) for s in range(total + 5)]
     assert lrs[0] == 0 and lrs[5] == pytest.approx(peak / 2) and lrs[10] == pytest.approx(peak)
     assert lrs[60] == pytest.approx((peak + peak / 10) / 2)  # half way through the cosine
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after the warmup
     assert lrs[total] == lrs[-1] == pytest.approx(peak / 10)
-    assert trainer.lr_at(0, peak, 0, total) == peak  # no warmup: the peak at once
+    assert schedule.lr_at(0, peak, 0, total) == peak  # no warmup: the peak at once
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +265,7 @@ def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache, pretrai
 def test_resume_with_more_steps_goes_on_from_the_current_learning_rate(tmp_path, cache, pretrain_jsonl):
     args = ["--data_path", pretrain_jsonl, "--save_interval", 6, "--out_dir", "run"]
     script("pretrain.py", *args, "--max_steps", 12, cwd=tmp_path, cache=cache)
-    lr6 = trainer.lr_at(6, 3e-3, 0, 12)
+    lr6 = schedule.lr_at(6, 3e-3, 0, 12)
     shutil.rmtree(tmp_path / "run" / "ckpt-0000012")  # as if killed after step 6 of 12
     done = script("pretrain.py", *args, "--max_steps", 20, "--resume", cwd=tmp_path, cache=cache)
     assert "--max_steps 12 -> 20: re-planned from step 6 to step 20" in done.stdout
@@ -274,7 +273,7 @@ def test_resume_with_more_steps_goes_on_from_the_current_learning_rate(tmp_path,
     assert sorted(lrs) == list(range(1, 21))
     # the logged lr of step s is the one step s was taken with, lr_at(s - 1): no jump at step 7
     for step in range(7, 21):
-        assert lrs[step] == pytest.approx(trainer.lr_at(step - 1, 3e-3, 0, 20, decay_start=6, decay_from=lr6))
+        assert lrs[step] == pytest.approx(schedule.lr_at(step - 1, 3e-3, 0, 20, decay_start=6, decay_from=lr6))
     assert lrs[7] == pytest.approx(lr6) and lrs[20] < lrs[8]
     state = torch.load(tmp_path / "run" / "ckpt-0000020" / "train_state.pt", weights_only=True)
     assert (state["step"], state["total_steps"], state["decay_start"]) == (20, 20, 6)
@@ -291,7 +290,7 @@ def test_resume_in_another_precision_starts_a_fresh_loss_scale(tmp_path, cache, 
     cfg = train_config.parse_config(["--data_path", str(pretrain_jsonl), *map(str, TINY), "--max_steps", "4",
                                      "--out_dir", str(tmp_path / "run")], "", {}, {})
     model = Transformer(ModelConfig(**cfg.model_config()))
-    optimizer = trainer.make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = optim.make_optimizer(model, cfg, torch.device("cpu"))
     fp16_scaler = torch.amp.GradScaler("cpu", enabled=True)
     state = trainer.resume_state(cfg, Runtime(torch.device("cpu")), tmp_path / "run" / "ckpt-0000002", 100,
                                  optimizer, fp16_scaler)
@@ -318,7 +317,7 @@ def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache, pretrain
     assert state["planned"] and total < 1000 * per_epoch and total * per_step <= 10
     # the whole run follows the cosine of the planned length (the plan is fixed after step 11)...
     for step in range(12, last + 1):
-        assert lrs[step] == pytest.approx(trainer.lr_at(step - 1, 3e-3, 0, total))
+        assert lrs[step] == pytest.approx(schedule.lr_at(step - 1, 3e-3, 0, total))
     # ...runs most of it (a tenth of the time is kept as a margin; a busy machine may still stop early),
     # and ends, final evaluation and checkpoint included, inside the limit
     assert last >= 0.75 * total
@@ -380,4 +379,4 @@ def test_time_limit_without_fit_schedule_only_stops_the_run(tmp_path, cache, pre
     assert "time limit: stopping at step" in done.stdout and last < 1000 * per_epoch
     # the cosine of all 1000 epochs, cut where the time ran out (as happy-llm's script stopped by hand)
     for step in range(1, last + 1):
-        assert lrs[step] == pytest.approx(trainer.lr_at(step - 1, 3e-3, 0, 1000 * per_epoch))
+        assert lrs[step] == pytest.approx(schedule.lr_at(step - 1, 3e-3, 0, 1000 * per_epoch))

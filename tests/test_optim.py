@@ -1,12 +1,11 @@
-"""Muon (muon.py): the orthogonalised update, which parameters take it, and an exact resume."""
+"""Muon (core/optim.py): the orthogonalised update, which parameters take it, and an exact resume."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import muon
-import trainer
+from core import optim
 from k_model import ModelConfig, Transformer
 
 
@@ -15,11 +14,12 @@ def tiny():
     return Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(32, 32), (96, 32), (32, 96), (8, 64)])
-def test_newton_schulz_makes_every_singular_value_about_one(shape):
+def test_newton_schulz_makes_every_singular_value_about_one(shape, dtype):
     torch.manual_seed(0)
     g = torch.randn(shape) @ torch.diag(torch.logspace(-1.5, 0, shape[1]))  # badly conditioned, as gradients are
-    singular = torch.linalg.svdvals(muon.orthogonalize(g))
+    singular = torch.linalg.svdvals(optim.orthogonalize(g, dtype=dtype))
     assert singular.min() > 0.5 and singular.max() < 1.25  # about one (Muon needs no more), whatever the spread before
     before = torch.linalg.svdvals(g)
     assert before.max() / before.min() > 2
@@ -28,7 +28,7 @@ def test_newton_schulz_makes_every_singular_value_about_one(shape):
 def test_hidden_matrices_take_muon_and_the_embedding_adamw():
     model = tiny()
     cfg = SimpleNamespace(optimizer="muon", weight_decay=0.1, muon_lr=0.02, learning_rate=2e-3)
-    opt = trainer.make_optimizer(model, cfg, torch.device("cpu"))
+    opt = optim.make_optimizer(model, cfg, torch.device("cpu"))
     muon_params = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in muon_params}
     assert names == {name for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("layers.")}
@@ -51,20 +51,20 @@ def test_it_learns_and_resumes_exactly_from_its_state_dict(tmp_path):
     torch.manual_seed(1)
     batches = [torch.randint(0, 64, (4, 17)) for _ in range(6)]
     model = tiny()
-    opt = trainer.make_optimizer(model, cfg, torch.device("cpu"))
+    opt = optim.make_optimizer(model, cfg, torch.device("cpu"))
     first = train(model, opt, batches[:1])
     assert train(model, opt, batches[1:3] * 5) < first  # it learns
     straight, opt = tiny(), None
-    opt = trainer.make_optimizer(straight, cfg, torch.device("cpu"))
+    opt = optim.make_optimizer(straight, cfg, torch.device("cpu"))
     train(straight, opt, batches)
     halves = tiny()
-    opt = trainer.make_optimizer(halves, cfg, torch.device("cpu"))
+    opt = optim.make_optimizer(halves, cfg, torch.device("cpu"))
     train(halves, opt, batches[:3])
     torch.save({"model": halves.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "state.pt")
     saved = torch.load(tmp_path / "state.pt", weights_only=True)  # what a checkpoint can hold
     resumed = tiny()
     resumed.load_state_dict(saved["model"])
-    opt = trainer.make_optimizer(resumed, cfg, torch.device("cpu"))
+    opt = optim.make_optimizer(resumed, cfg, torch.device("cpu"))
     opt.load_state_dict(saved["optimizer"])
     train(resumed, opt, batches[3:])
     for a, b in zip(straight.parameters(), resumed.parameters()):

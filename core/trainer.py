@@ -1,4 +1,12 @@
 """
+训练循环，只写一遍：pretrain.py、sft.py、dpo.py 都调用这里的 main/train。
+阅读顺序：train_step（一次优化器更新：梯度累积、全局 token 平均、裁剪）-> evaluate（验证损失与 BPC）
+-> prepare（设备、模型、数据、优化器）-> train（主循环：学习率 -> 微批次 -> 更新 -> 记录/验证/保存）。
+可以动手试：改 --accumulation_steps 而保持全局批次不变，看损失曲线是否一致。
+
+Read in this order: train_step -> evaluate -> prepare -> train. Try: change --accumulation_steps
+keeping the global batch and check that the loss curve stays the same.
+
 The training loop, written once. pretrain.py and sft.py are thin front ends: each sets its defaults
 and calls `main`; the loop itself is `train`, which reads top to bottom like nanoGPT's.
 
@@ -12,25 +20,20 @@ tokens of all micro-batches on all ranks (counted before the first backward, all
 DDP). A mean per micro-batch would weigh a token of a short SFT batch more than one of a long
 batch, and the result would depend on how the batch is split.
 
-The LR schedule is happy-llm's: linear warmup for warmup_iters steps, then a cosine from the peak
-down to a tenth of it at the last planned step. The number of planned steps is --max_steps, else
-epochs * steps per epoch; with --time_limit, TimeBudget shortens it so the whole run ends inside
-the limit. The plan is saved with each checkpoint, so a resumed run follows the same schedule; a
-run resumed with a larger --max_steps / --epochs (or another --time_limit) re-plans from where it
-is: the cosine goes on from the current learning rate down to its floor at the new last step.
+The plan (the LR schedule, the state saved with each checkpoint, the --time_limit budget) is in
+schedule.py; a resumed run follows the plan it saved, or re-plans when asked for more steps.
 
 What is minimised is an `Objective`: next-token prediction for pretrain.py and sft.py; dpo.py's
 preference loss is another, on the same loop. With --lora_rank the model's weights are frozen and
 only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
 
 Where the rest lives: train_config.py (the flags), runtime.py (devices, DDP, mixed precision),
-dataset.py (the data and its loaders), checkpoint.py (saving, resuming, loading; the weights a run
-starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
+dataset.py (the datasets), loaders.py (their split and loaders), checkpoint.py (saving, resuming,
+loading; the weights a run starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
 """
 
 import math
 import random
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -43,53 +46,16 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-import checkpoint
-import muon
-from dataset import eval_loader, load_datasets, train_loader
-from runtime import Runtime, all_reduce, autocast, autocast_dtype, relaunch_for_gpus, setup_runtime, wrap_model
-from tracking import Tracker
-from train_config import TrainConfig, parse_config
+from core import checkpoint
+from core.loaders import eval_loader, load_datasets, train_loader
+from core.optim import make_optimizer
+from core.runtime import Runtime, all_reduce, autocast, autocast_dtype, relaunch_for_gpus, setup_runtime, wrap_model
+from core.schedule import RunState, TimeBudget
+from core.tracking import Tracker
+from core.train_config import TrainConfig, parse_config
 
 # -----------------------------------------------------------------------------
-# the schedule, one optimizer step, one evaluation
-
-
-def lr_at(step, peak, warmup, total, decay_start=None, decay_from=None, final_frac=0.1):
-    """happy-llm's schedule over optimizer steps: linear warmup from 0 to the peak, then a cosine
-    from decay_from (default: the peak) at decay_start (default: the end of warmup) down to
-    peak * final_frac at step `total` (with 0.1, transformers' cosine_with_min_lr)."""
-    min_lr = peak * final_frac
-    decay_start = warmup if decay_start is None else decay_start
-    decay_from = peak if decay_from is None else decay_from
-    if step < warmup:
-        return peak * step / warmup
-    if step >= total:
-        return min_lr
-    progress = (step - decay_start) / max(1, total - decay_start)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (decay_from - min_lr)
-
-
-def make_optimizer(model, cfg, device):
-    # decay the matrices (embeddings, linear layers) only: shrinking norm gains and biases towards
-    # zero fights the normalisation and gains nothing
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    vectors = [p for p in params.values() if p.dim() < 2]
-    if cfg.optimizer == "muon":
-        # the hidden matrices take Muon steps; the embedding (tied to the head) stays on AdamW.
-        # lr_scale: the loop sets every group's lr from one schedule, times the group's scale
-        per_token = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        per_token.add(id(model.output.weight))
-        hidden = [p for p in params.values() if p.dim() >= 2 and id(p) not in per_token]
-        rows = [p for p in params.values() if p.dim() >= 2 and id(p) in per_token]
-        return muon.MuonWithAdamW([
-            {"params": hidden, "use_muon": True, "weight_decay": cfg.weight_decay,
-             "lr_scale": cfg.muon_lr / cfg.learning_rate},
-            {"params": rows, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}])
-    groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": vectors, "weight_decay": 0.0}]
-    # fused: one kernel for the whole update instead of several per parameter
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type in ("cuda", "cpu"))
+# one optimizer step, one evaluation
 
 
 def to_device(batch, device):
@@ -184,73 +150,6 @@ def evaluate(model, loader, rt, amp, chars=None, units=Objective.units) -> dict:
     if chars is not None:
         result["val_bpc"] = nats / math.log(2) / max(chars, 1)
     return result
-
-# -----------------------------------------------------------------------------
-# the state of a run and its time budget
-
-
-@dataclass
-class RunState:
-    """Where a run is; saved in every checkpoint (train_state.pt) and restored by --resume."""
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    position: int = 0  # samples of this epoch's order already trained (all ranks together)
-    tokens: int = 0  # non-padding input tokens trained on
-    total_steps: int = 0  # the planned length of the run
-    planned: bool = True  # False while --time_limit has not yet fixed total_steps
-    decay_start: int | None = None  # the cosine's first step (None: the end of warmup)
-    decay_from: float | None = None  # its learning rate there (None: the peak)
-
-    def lr(self, cfg):
-        return lr_at(self.step, cfg.learning_rate, cfg.warmup_iters, self.total_steps,
-                     self.decay_start, self.decay_from, cfg.final_lr_frac)
-
-
-class TimeBudget:
-    """--time_limit: seconds for the whole run, tokenising, compilation, evaluations and checkpoints
-    included; it sets how many steps the LR schedule plans, so the cosine ends inside the limit.
-
-    The loop tells it what each part costs: every step's seconds (`step_done`), an evaluation's
-    (`eval_seconds`, the one before the first step) and a checkpoint save's (`save_seconds`, the save
-    made when planning). `plan` is ready once PLAN_AFTER steps are timed, not counting the first,
-    which pays the one-off costs (allocation, torch.compile): from the median step time (robust to
-    a step that recompiles) plus each step's share of the periodic evaluations and saves, it gives
-    the number of steps that fit in MARGIN of the time left, the final evaluation and save set
-    aside. `stop_now` guards the end: it says stop when the next step, an evaluation or save due
-    after it, and the final ones would overrun the deadline (a machine that slows down stops in
-    time, its schedule not fully decayed).
-    """
-    PLAN_AFTER = 10  # timed steps before the plan is made
-    MARGIN = 0.9  # later steps are often a little slower than the first ones
-
-    def __init__(self, limit, run_start, eval_interval, save_interval):
-        self.deadline = run_start + limit
-        self.eval_interval, self.save_interval = eval_interval, save_interval
-        self.step_seconds = []
-        self.eval_seconds = self.save_seconds = 0.0
-
-    def step_done(self, seconds):
-        self.step_seconds.append(seconds)
-
-    def per_step(self):
-        timed = self.step_seconds[1:]
-        return statistics.median(timed) if timed else 0.0
-
-    def ready(self):
-        return len(self.step_seconds) > self.PLAN_AFTER
-
-    def plan(self, step, cap):
-        """The number of the last step: as many as fit, at most cap."""
-        per_step = (self.per_step() + self.eval_seconds / self.eval_interval
-                    + self.save_seconds / self.save_interval)
-        left = self.deadline - time.time() - self.eval_seconds - self.save_seconds
-        return min(cap, step + int(self.MARGIN * max(0.0, left) / max(per_step, 1e-9)))
-
-    def stop_now(self, next_step):
-        due = (self.eval_seconds * (next_step % self.eval_interval == 0)
-               + self.save_seconds * (next_step % self.save_interval == 0))
-        return time.time() + self.per_step() + due + self.eval_seconds + self.save_seconds > self.deadline
-
 
 # -----------------------------------------------------------------------------
 # starting and resuming a run
@@ -396,10 +295,13 @@ def prepare(cfg, gpu_ids, evals, start_time, objective=None) -> Run:
     val_loader = eval_loader(val_ds, cfg, rt)
     tokenizer = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
     loss_model = objective.module(raw_model, cfg)
-    return Run(cfg, rt, autocast(rt.device, amp_dtype), raw_model, wrap_model(loss_model, rt, amp_dtype, compile_model),
-               optimizer, scaler, state, budget, Tracker(cfg, out_dir, state.step if resume_from else None, rt.master),
-               train_ds, val_loader, text_chars(val_loader, tokenizer, rt) if cfg.kind == "pretrain" else None,
-               evals or {}, global_batch, start_time, objective, loss_model)
+    return Run(cfg=cfg, rt=rt, amp=autocast(rt.device, amp_dtype), raw_model=raw_model,
+               model=wrap_model(loss_model, rt, amp_dtype, compile_model), optimizer=optimizer, scaler=scaler,
+               state=state, budget=budget, tracker=Tracker(cfg, out_dir, state.step if resume_from else None, rt.master),
+               train_ds=train_ds, val_loader=val_loader,
+               val_chars=text_chars(val_loader, tokenizer, rt) if cfg.kind == "pretrain" else None,
+               evals=evals or {}, global_batch=global_batch, start_time=start_time, objective=objective,
+               loss_model=loss_model)
 
 
 def validate(run, tag) -> dict:
@@ -496,40 +398,52 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None, objective=None):
 
         # once in a while: log, evaluate, save
         if state.step % cfg.log_interval == 0 or last_step:
-            losses, tokens, seconds = zip(*logged)
-            record = {"step": state.step, "epoch": state.epoch, "loss": sum(losses) / len(losses), "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": sum(tokens) / max(sum(seconds), 1e-9),
-                      "tokens": state.tokens, "elapsed_s": time.time() - run.start_time}
-            run.tracker.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            logged = []
+            logged = log_steps(run, logged, lr, grad_norm, bar)
         if state.step % cfg.eval_interval == 0 and not last_step:
             latest = validate(run, "validation")
         if state.step % cfg.save_interval == 0 and not last_step:
             save(run)
 
-    after = latest or validate(run, "after training")
-    save(run)
+    if logged:  # the steps since the last record, when the time limit stopped the run early
+        log_steps(run, logged, lr, grad_norm, bar)
     bar.close()
+    return finish(run, before, latest or validate(run, "after training"))
+
+
+def log_steps(run, logged, lr, grad_norm, bar) -> list:
+    """One training record for the steps (loss, real tokens, seconds) logged since the last; returns
+    the empty list of steps to log next."""
+    losses, tokens, seconds = zip(*logged)
+    record = {"step": run.state.step, "epoch": run.state.epoch, "loss": sum(losses) / len(losses), "lr": lr,
+              "grad_norm": grad_norm, "tokens_per_s": sum(tokens) / max(sum(seconds), 1e-9),
+              "tokens": run.state.tokens, "elapsed_s": time.time() - run.start_time}
+    run.tracker.log(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+    return []
+
+
+def finish(run, before, after) -> dict:
+    """The last checkpoint, the summary line, the curves; the process group closed under DDP."""
+    cfg, rt, state = run.cfg, run.rt, run.state
+    save(run)
     last = checkpoint.latest_checkpoint(cfg.out_dir)
-    say(run.rt, f"done: {state.step} steps, {state.tokens:,.0f} tokens in {time.time() - run.start_time:.0f}s; "
-            + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in after if k in before)
-            + f"; checkpoint {last}")
+    say(rt, f"done: {state.step} steps, {state.tokens:,.0f} tokens in {time.time() - run.start_time:.0f}s; "
+        + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in after if k in before)
+        + f"; checkpoint {last}")
     run.tracker.finish()
     if rt.master and cfg.plot:  # the run's curves beside its checkpoints
-        import plot  # here, not at the top: matplotlib is for the end of a run only
-        say(rt, f"curves: {plot.plot_runs([cfg.out_dir], Path(cfg.out_dir) / 'curves.png')}")
+        from core import plotting  # here, not at the top: matplotlib is for the end of a run only
+        say(rt, f"curves: {plotting.plot_runs([cfg.out_dir], Path(cfg.out_dir) / 'curves.png')}")
     if rt.ddp:  # every rank done with its collectives, and the DDP model dropped, before the group goes
         dist.barrier()
         del run
         dist.destroy_process_group()
-    return {"before": before, "after": after, "steps": state.step, "config": asdict(cfg),
-            "checkpoint": str(last)}
+    return {"before": before, "after": after, "steps": state.step, "config": asdict(cfg), "checkpoint": str(last)}
 
 
-def main(description, defaults, embedded, evals_for=None, argv=None, objective=None):
+def main(description, defaults, embedded, evals_for=None, argv=None, objective=None, lora_defaults=None):
     """The whole command line of pretrain.py / sft.py / dpo.py: parse, relaunch for --gpus, train."""
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(argv, description, defaults, embedded)
+    cfg = parse_config(argv, description, defaults, embedded, lora_defaults)
     gpu_ids = relaunch_for_gpus(cfg, argv)
     return train(cfg, gpu_ids, evals_for(cfg) if evals_for else None, objective)

@@ -9,7 +9,7 @@ import swanlab
 import torch
 from transformers import TrainingArguments
 
-from runtime import bf16_supported
+from core.runtime import bf16_supported
 
 
 def print_config(args):

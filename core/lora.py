@@ -1,4 +1,11 @@
 """
+LoRA：冻结原模型，只训练低秩适配器 W + (alpha/r)·B·A，保存为 peft 格式。
+阅读顺序：LoRALinear -> add_lora / merge_lora -> save_adapters / load_adapters（与 peft 的文件格式一致）。
+可以动手试：改 --lora_rank 与 --lora_alpha；只适配 wq,wv；加上 --lora_embeddings 训练词嵌入。
+
+Read in this order: LoRALinear -> add_lora / merge_lora -> save_adapters / load_adapters. Try:
+another --lora_rank and --lora_alpha; adapt wq,wv only; add --lora_embeddings.
+
 LoRA (Hu et al. 2021): fine-tune a frozen model through low-rank adapters.
 
 A frozen linear layer W [out, in] gets a trainable update of rank r:
@@ -17,9 +24,9 @@ adapters; merging (W + (alpha/r) B A) gives back a plain model, at no cost at in
     load_adapters(model, directory)               # the inverse, onto the base model
 
 On disk the adapters are in peft's format for the Llama that export_hf.py writes, so
-`PeftModel.from_pretrained(exported_base, ckpt_dir)` loads them. Their names are export_hf's names
+`PeftModel.from_pretrained(exported_base, ckpt_dir)` loads them. Their names are transformers' names (llama_layout.py)
 of the wrapped layer (`layers.0.attention.wq` -> `base_model.model.model.layers.0.self_attn.q_proj`
-+ `.lora_A.weight`), and B of wq and wk gets export_hf's row permutation, since its rows are
++ `.lora_A.weight`), and B of wq and wk gets the RoPE row permutation, since its rows are
 output rows of W (the RoPE pairing; A's rows are not).
 """
 
@@ -33,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from core.llama_layout import HF_LAYER_NAMES, halves_to_interleaved, hf_name, interleaved_to_halves, rope_heads
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the K-Model's attention and SwiGLU matrices
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -133,22 +142,17 @@ def adapters_disabled(model):
 
 def peft_name(module_name, part):
     """`layers.0.attention.wq`, "lora_A" -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
-    # here and below, export_hf is imported where it is used: it imports transformers (seconds),
-    # which only saving and loading adapters need
-    from export_hf import hf_name
     return f"base_model.model.{hf_name(module_name + '.weight').removesuffix('weight')}{part}.weight"
 
 
 def peft_targets() -> dict:
     """Our target names -> peft's target_modules (wq -> q_proj, w1 -> gate_proj, ...)."""
-    from export_hf import LAYER_NAMES
-    return {ours.split(".")[-2]: theirs.split(".")[-2] for ours, theirs in LAYER_NAMES.items()
+    return {ours.split(".")[-2]: theirs.split(".")[-2] for ours, theirs in HF_LAYER_NAMES.items()
             if ours.count(".") == 2}  # "attention.wq.weight": the linear layers, not the norms
 
 
 def adapter_state(model) -> dict:
     """The adapters of a model as peft names them for the exported Llama (B of wq/wk in its row order)."""
-    from export_hf import interleaved_to_halves, rope_heads
     state = {}
     if trains_embeddings(model):  # peft's modules_to_save with the head tied: both names, one matrix
         embedding = model.tok_embeddings.weight.detach().contiguous()
@@ -204,7 +208,6 @@ def read_adapter_config(directory) -> dict:
 def load_adapters(model, directory):
     """Wrap the model's layers as the adapter checkpoint in `directory` says and load its weights
     (the inverse of save_adapters). Returns the model, its base frozen, the adapters trainable."""
-    from export_hf import halves_to_interleaved, rope_heads
     config = read_adapter_config(directory)
     add_lora(model, config["rank"], config["alpha"], config["targets"], config["dropout"], config["embeddings"])
     saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS))

@@ -5,7 +5,7 @@ mixed-precision dtype the hardware supports, and the model wrapped for all of th
 Multi-GPU: `--gpus 0,1` relaunches the script through torch.distributed.run with one process per
 listed GPU; the script also runs unchanged under any `torchrun` launch (RANK, LOCAL_RANK and
 WORLD_SIZE), multi-node included. Each rank reads its own shard of every global batch
-(dataset.EpochSampler); only rank 0 logs and writes. A failing rank exits with its error and
+(core/loaders.py's EpochSampler); only rank 0 logs and writes. A failing rank exits with its error and
 torchrun's agent stops the others. `--parallel dp` uses nn.DataParallel in one process instead,
 as happy-llm does.
 """

@@ -1,6 +1,16 @@
 """
-Decoding, shared by both models: the KV cache, the samplers and the generate/stream loop
-(k_model.py and gpt2_model.py hold only the networks; CausalLM.generate and .stream call here).
+解码：KV 缓存、采样（温度、top-k、top-p、重复惩罚）与逐 token 生成循环，两种模型共用。
+阅读顺序：KVCache（每行一条序列，token 的槽位就是它的位置）-> sample_next -> prefill / decode_step ->
+Decoder（生成与服务共用的唯一解码循环）-> decode。
+可以动手试：比较 temperature=0（贪心）与 0.7 的输出；把 repetition_penalty 设为 1.0 看重复。
+
+Read in this order: KVCache -> sample_next -> prefill / decode_step -> Decoder -> decode. Try: greedy
+(temperature 0) against 0.7; repetition_penalty 1.0 and watch the repeats.
+
+Decoding, shared by both models: the KV cache, the samplers and the one decoding loop (Decoder:
+the rows of one KV cache, each decoding its own sequence), which generate/stream and the serving
+engine (core/engine.py) both run. k_model.py and gpt2_model.py hold only the networks;
+CausalLM.generate and .stream call here.
 
     model.generate([[1, 5, 9], [1, 7]], max_new_tokens=64, temperature=0.7, top_p=0.9)
     for token in model.stream([1, 5, 9], temperature=0): ...
@@ -21,6 +31,7 @@ row's slots, and no real query ever sees a padding slot, which the next real tok
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -169,7 +180,101 @@ class DecodeStep:
         return self.logits.clone()
 
 # -----------------------------------------------------------------------------
-# the decoding loop
+# the decoding loop: rows of one KV cache, each decoding its own sequence
+
+
+@dataclass
+class Sampling:
+    """How one sequence's next token is drawn (see sample_next); generator: its own random stream."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+    @property
+    def greedy(self):
+        return self.temperature == 0 and self.repetition_penalty == 1.0
+
+
+class Decoder:
+    """The one decoding loop, shared by generate/stream (a fixed batch) and core/engine.py's
+    scheduler (requests joining and leaving): the rows of one KV cache, each decoding its own
+    sequence. A step is: `sample` one token per row (each group of rows with its own settings), then
+    `step` the rows still going (the model runs once for all of them). `fill` prefills prompts into
+    rows; a row whose context is full is refilled with its last max_len // 2 tokens and goes on.
+
+    captured: replay the step as a CUDA graph over a static cache (default: on CUDA), one capture
+    per batch size in step_sizes (default: all the rows), the smallest that holds the rows in use."""
+
+    def __init__(self, model, rows, captured=None, compile_step=False, step_sizes=None):
+        self.model, self.rows, self.max_len = model, rows, model.config.max_seq_len
+        self.device = next(model.parameters()).device
+        captured = self.device.type == "cuda" if captured is None else captured
+        self.cache = model.new_cache(rows, static=captured)
+        self.captured = ({n: DecodeStep(model, self.cache.rows(0, n), compile_step) for n in step_sizes or [rows]}
+                         if captured else None)
+        self.logits = torch.zeros(rows, model.config.vocab_size, device=self.device)
+        self.seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.history = [[] for _ in range(rows)]  # each row's tokens, to refill it when its context is full
+
+    def fill(self, rows, prompts):
+        """Prefill each of rows (ascending) with its prompt from an empty cache row; adjacent rows go
+        through the model as one right-padded batch. The logits after each prompt are kept."""
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                first, last = rows[start], rows[i - 1] + 1
+                view = self.cache.rows(first, last)
+                view.lengths.zero_()
+                self.logits[first:last] = prefill(self.model, view, prompts[start:i])
+                start = i
+        for b, ids in zip(rows, prompts):
+            self.history[b] = list(ids)
+            self.seen[b] = False
+            self.seen[b, ids] = True
+
+    def sample(self, groups) -> torch.Tensor:
+        """One token per row [rows] (0 in rows of no group): for each (rows, Sampling) of groups, the
+        rows' logits drawn together with those settings and that generator."""
+        tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+        for rows, sampling in groups:
+            logits = self.logits[rows]
+            if sampling.repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, self.seen[rows], sampling.repetition_penalty)
+            tokens[rows] = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                       sampling.generator)
+        return tokens
+
+    def step(self, tokens, going):
+        """Take tokens [rows] as the next token of the rows in `going` (ascending) and run one decoding
+        step: the rows up to the last one going run (a row among them that is not going computes a
+        slot its next fill overwrites), only the going rows advance, and full rows are refilled."""
+        rows = torch.tensor(going, device=self.device)
+        self.seen[rows, tokens[rows]] = True
+        for b, t in zip(going, tokens[rows].tolist()):
+            self.history[b].append(t)
+        lengths = self.cache.lengths.tolist()
+        full = [b for b in going if lengths[b] == self.max_len]
+        advance = torch.zeros(self.rows, dtype=torch.long)
+        advance[[b for b in going if lengths[b] < self.max_len]] = 1
+        n = going[-1] + 1
+        self.logits[:n] = self.decode(tokens, n)
+        self.cache.advance(advance.to(self.device))
+        self.fill(full, [self.history[b][-(self.max_len // 2):] for b in full])
+
+    def decode(self, tokens, n):
+        """Logits [n, V] of one decoding step over the first n rows."""
+        if self.captured is None:
+            return decode_step(self.model, self.cache.rows(0, n), tokens[:n])
+        size = min(size for size in self.captured if size >= n)
+        return self.captured[size](tokens[:size])[:n]
+
+    def free(self, b):
+        self.cache.lengths[b] = 0  # a free row's stale length would widen every step's attention span
 
 
 def as_prompt_lists(prompts):
@@ -190,7 +295,7 @@ def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_
     captured: replay the step as a CUDA graph (default: on CUDA); compile_step: compile it first
     (see DecodeStep). When a row's context is full, its cache row is refilled with its last
     max_len // 2 tokens and decoding goes on."""
-    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty, generator)
     prompts = as_prompt_lists(prompts)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one token in every prompt (e.g. the BOS id)")
@@ -198,36 +303,18 @@ def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_
     if max(map(len, prompts)) >= max_len:
         warnings.warn(f"prompt longer than the context ({max_len} tokens): keeping its last {max_len - 1}")
         prompts = [p[-(max_len - 1):] for p in prompts]
-    device = next(model.parameters()).device
-    captured = device.type == "cuda" if captured is None else captured
     B = len(prompts)
-    cache = model.new_cache(B, static=captured)
-    step = DecodeStep(model, cache, compile_step) if captured else (lambda tokens: decode_step(model, cache, tokens))
-    logits = prefill(model, cache, prompts)
-    history = [list(p) for p in prompts]  # kept to refill a row whose context is full
-    stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        seen[i, p] = True
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    decoder = Decoder(model, B, captured, compile_step)
+    decoder.fill(list(range(B)), prompts)
+    stop = torch.tensor(list(stop_ids) or [-1], device=decoder.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=decoder.device)
     for _ in range(max_new_tokens):
-        if repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        token = torch.where(finished, stop[0], sample_next(logits, temperature, top_k, top_p, generator))
+        token = torch.where(finished, stop[0], decoder.sample([(slice(None), sampling)]))
         yield token
         finished |= torch.isin(token, stop)
         if finished.all():
             return
-        seen[torch.arange(B, device=device), token] = True
-        for i, t in enumerate(token.tolist()):
-            history[i].append(t)
-        full = (cache.lengths == max_len) & ~finished
-        logits = step(token)
-        cache.advance((~finished & ~full).long())
-        for b in full.nonzero().flatten().tolist():
-            row = cache.row(b)
-            row.lengths.zero_()
-            logits[b] = prefill(model, row, [history[b][-(max_len // 2):]])[0]
+        decoder.step(token, (~finished).nonzero().flatten().tolist())
 
 
 def generate(model, prompts, **sampling):

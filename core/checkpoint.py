@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model as load_safetensors, save_model as save_safetensors
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
 from tokenizers import Tokenizer
 
-import lora
+from core import lora
 from gpt2_model import GPT2, GPT2Config
 from k_model import ModelConfig, Transformer
 
@@ -191,8 +192,6 @@ def load_weights(model, ckpt):
 def read_config(ckpt) -> dict:
     """config.json of a checkpoint dir, with "model_type" always present."""
     config = json.loads((Path(ckpt) / "config.json").read_text())
-    if "d_model" in config:  # the GPT2 baseline's width was called d_model before it became dim
-        config["dim"] = config.pop("d_model")
     return {"model_type": "k", **config}
 
 
@@ -341,8 +340,6 @@ def rng_state() -> dict:
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     cuda = state["cuda"]
-    if isinstance(cuda, torch.Tensor):  # saved by an earlier version: device 0's state alone
-        cuda = [cuda] if cuda.numel() else []
     if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = state["python"]

@@ -1,0 +1,122 @@
+"""
+What the training loop reads: the datasets of a run (dataset.py's, from the embedded corpus or
+--data_path, with the hold-out split and sft.py's replay), the order of the samples in each epoch,
+and the DataLoaders that deal them out to the processes of a run.
+"""
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import corpus
+from core.runtime import local_rank_zero_first
+from dataset import DocumentDataset, PretrainDataset, ReplayDataset, SFTDataset, build_store, collate_batch
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), read from global
+    position `start` on, dealt round-robin to the ranks. The first global batch of B samples is
+    permutation[start:start + B] whatever the number of ranks, and a resumed run passes the
+    position it had reached, so it sees exactly the samples it had not yet seen.
+
+    The permutation stays a numpy array (int32: 80 MB for 20M windows, where a list of Python ints
+    took ~700 MB) and is handed out a chunk at a time, as the DataLoader asks for indices."""
+
+    CHUNK = 1 << 16  # indices turned into Python ints at a time
+
+    def __init__(self, num_samples, seed, epoch=0, start=0, rank=0, world_size=1):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, epoch
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def _indices(self):
+        # shuffling an arange in place draws the same numbers as permutation(n), so the order (and
+        # with it every resumed run) is what it was when this made an int64 permutation
+        order = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 1 << 31 else np.int64)
+        np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+        return order[self.start + self.rank::self.world_size]
+
+    def __iter__(self):
+        indices = self._indices()
+        # Python ints (i * seq_len must not wrap at 2**31), one chunk at a time; chain walks each
+        # chunk at C speed, where a generator yielding them one by one costs half the epoch's time
+        chunks = (indices[i:i + self.CHUNK].tolist() for i in range(0, len(indices), self.CHUNK))
+        return itertools.chain.from_iterable(chunks)
+
+    def __len__(self):
+        return len(range(self.start + self.rank, self.num_samples, self.world_size))
+
+class Holdout(torch.utils.data.Dataset):
+    """Every k-th sample of `ds` (the validation split) or all the others (the training split): a
+    deterministic split spread over the whole file, in O(1) memory however large the corpus."""
+
+    def __init__(self, ds, k, validation):
+        self.ds, self.k, self.validation = ds, k, validation
+        self.n_val = math.ceil(len(ds) / k)
+
+    def __len__(self):
+        return self.n_val if self.validation else len(self.ds) - self.n_val
+
+    def __getitem__(self, i):
+        # training index i skips every multiple of k: 1..k-1, k+1..2k-1, ...
+        return self.ds[i * self.k] if self.validation else self.ds[i + i // (self.k - 1) + 1]
+
+
+def holdout_split(ds, val_fraction):
+    """(training, validation) splits of ds: every (1 / val_fraction)-th sample is held out."""
+    k = max(2, round(1 / val_fraction))
+    return Holdout(ds, k, validation=False), Holdout(ds, k, validation=True)
+
+
+def load_datasets(cfg, rt):
+    """(train, validation) datasets of a run; tokenised once and cached by build_store. The
+    embedded corpus has its own validation files; a --data_path is split by Holdout."""
+    dataset_class = (SFTDataset if cfg.kind != "pretrain" else PretrainDataset if cfg.packing else DocumentDataset)
+    with local_rank_zero_first(rt):
+        try:
+            if cfg.data_path is None:
+                paths = corpus.embedded_paths()
+                train_path = paths[f"{cfg.kind}_train"]
+                val_path = paths["pretrain_val" if cfg.kind == "pretrain" else "sft_test"]
+            else:
+                train_path, val_path = Path(cfg.data_path), None
+            stores = [build_store(p, cfg.tokenizer_dir, cfg.kind, cfg.cache_dir) for p in (train_path, val_path) if p]
+            data = [dataset_class(store, cfg.max_seq_len) for store in stores]
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+    if val_path is None:
+        data = list(holdout_split(data[0], cfg.val_fraction))
+    if cfg.kind == "sft" and cfg.replay:
+        data[0] = ReplayDataset(data[0], stores[0], replay_windows(cfg, rt), cfg.replay)
+    return data[0], data[1]
+
+
+def replay_windows(cfg, rt) -> PretrainDataset:
+    """The pretraining text an SFT run replays: --replay_path, else the embedded pretraining corpus."""
+    path = cfg.replay_path or corpus.embedded_paths()["pretrain_train"]
+    with local_rank_zero_first(rt):
+        try:
+            return PretrainDataset(build_store(path, cfg.tokenizer_dir, "pretrain", cfg.cache_dir), cfg.max_seq_len)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--replay_path {e}") from None
+
+
+def train_loader(ds, cfg, rt, epoch, position):
+    """This rank's share of the global batches of one epoch, from global sample `position` on."""
+    sampler = EpochSampler(len(ds), cfg.seed, epoch=epoch, start=position, rank=rt.rank, world_size=rt.world_size)
+    # its own generator: otherwise the loader draws its worker seed from the global RNG, and a
+    # resumed run (which makes a new loader mid-epoch) would see a different dropout sequence
+    return torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_batch, drop_last=True,
+        num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def eval_loader(ds, cfg, rt):
+    """The same first samples of the validation set at every evaluation, sharded over the ranks."""
+    n = min(len(ds), cfg.eval_batches * cfg.batch_size * rt.world_size)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=range(rt.rank, n, rt.world_size),
+                                       collate_fn=collate_batch, num_workers=0,
+                                       generator=torch.Generator())  # see train_loader

@@ -1,0 +1,94 @@
+"""
+The plan of a run: the learning rate at each step, where the run is (RunState, saved in every
+checkpoint), and how many steps fit a --time_limit (TimeBudget).
+
+The schedule is happy-llm's: linear warmup for warmup_iters steps, then a cosine from the peak down
+to final_lr_frac of it (happy-llm: a tenth) at the last planned step. The number of planned steps is
+--max_steps, else epochs * steps per epoch; with --time_limit, TimeBudget shortens it so the whole
+run ends inside the limit. A run resumed with a larger --max_steps / --epochs (or another
+--time_limit) re-plans from where it is: the cosine goes on from the current learning rate down to
+its floor at the new last step (decay_start, decay_from).
+"""
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+
+def lr_at(step, peak, warmup, total, decay_start=None, decay_from=None, final_frac=0.1):
+    """happy-llm's schedule over optimizer steps: linear warmup from 0 to the peak, then a cosine
+    from decay_from (default: the peak) at decay_start (default: the end of warmup) down to
+    peak * final_frac at step `total` (with 0.1, transformers' cosine_with_min_lr)."""
+    min_lr = peak * final_frac
+    decay_start = warmup if decay_start is None else decay_start
+    decay_from = peak if decay_from is None else decay_from
+    if step < warmup:
+        return peak * step / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - decay_start) / max(1, total - decay_start)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (decay_from - min_lr)
+
+
+@dataclass
+class RunState:
+    """Where a run is; saved in every checkpoint (train_state.pt) and restored by --resume."""
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    position: int = 0  # samples of this epoch's order already trained (all ranks together)
+    tokens: int = 0  # non-padding input tokens trained on
+    total_steps: int = 0  # the planned length of the run
+    planned: bool = True  # False while --time_limit has not yet fixed total_steps
+    decay_start: int | None = None  # the cosine's first step (None: the end of warmup)
+    decay_from: float | None = None  # its learning rate there (None: the peak)
+
+    def lr(self, cfg):
+        return lr_at(self.step, cfg.learning_rate, cfg.warmup_iters, self.total_steps,
+                     self.decay_start, self.decay_from, cfg.final_lr_frac)
+
+
+class TimeBudget:
+    """--time_limit: seconds for the whole run, tokenising, compilation, evaluations and checkpoints
+    included; it sets how many steps the LR schedule plans, so the cosine ends inside the limit.
+
+    The loop tells it what each part costs: every step's seconds (`step_done`), an evaluation's
+    (`eval_seconds`, the one before the first step) and a checkpoint save's (`save_seconds`, the save
+    made when planning). `plan` is ready once PLAN_AFTER steps are timed, not counting the first,
+    which pays the one-off costs (allocation, torch.compile): from the median step time (robust to
+    a step that recompiles) plus each step's share of the periodic evaluations and saves, it gives
+    the number of steps that fit in MARGIN of the time left, the final evaluation and save set
+    aside. `stop_now` guards the end: it says stop when the next step, an evaluation or save due
+    after it, and the final ones would overrun the deadline (a machine that slows down stops in
+    time, its schedule not fully decayed).
+    """
+    PLAN_AFTER = 10  # timed steps before the plan is made
+    MARGIN = 0.9  # later steps are often a little slower than the first ones
+
+    def __init__(self, limit, run_start, eval_interval, save_interval):
+        self.deadline = run_start + limit
+        self.eval_interval, self.save_interval = eval_interval, save_interval
+        self.step_seconds = []
+        self.eval_seconds = self.save_seconds = 0.0
+
+    def step_done(self, seconds):
+        self.step_seconds.append(seconds)
+
+    def per_step(self):
+        timed = self.step_seconds[1:]
+        return statistics.median(timed) if timed else 0.0
+
+    def ready(self):
+        return len(self.step_seconds) > self.PLAN_AFTER
+
+    def plan(self, step, cap):
+        """The number of the last step: as many as fit, at most cap."""
+        per_step = (self.per_step() + self.eval_seconds / self.eval_interval
+                    + self.save_seconds / self.save_interval)
+        left = self.deadline - time.time() - self.eval_seconds - self.save_seconds
+        return min(cap, step + int(self.MARGIN * max(0.0, left) / max(per_step, 1e-9)))
+
+    def stop_now(self, next_step):
+        due = (self.eval_seconds * (next_step % self.eval_interval == 0)
+               + self.save_seconds * (next_step % self.save_interval == 0))
+        return time.time() + self.per_step() + due + self.eval_seconds + self.save_seconds > self.deadline
