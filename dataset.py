@@ -347,7 +347,8 @@ def collate_batch(samples):
     The mask is float if any sample's is (ReplayDataset's weights), else an integer tensor."""
     width = max(len(x) for x, _, _ in samples)
     tokens = torch.full((2, len(samples), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros(len(samples), width, dtype=max((m.dtype for _, _, m in samples), key=lambda d: d.is_floating_point))
+    weighted = any(m.is_floating_point() for _, _, m in samples)
+    mask = torch.zeros(len(samples), width, dtype=torch.float32 if weighted else torch.long)
     for row, (x, y, m) in enumerate(samples):
         tokens[0, row, :len(x)], tokens[1, row, :len(y)], mask[row, :len(m)] = x, y, m
     return tokens[0], tokens[1], mask

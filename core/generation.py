@@ -59,10 +59,6 @@ class KVCache:
     def max_len(self):
         return self.k.shape[3]
 
-    def row(self, b) -> "KVCache":
-        """Row b alone, as a batch of one that shares this cache's storage."""
-        return self.rows(b, b + 1)
-
     def rows(self, start, stop) -> "KVCache":
         """Rows start..stop-1, as a batch that shares this cache's storage."""
         view = copy.copy(self)

@@ -19,50 +19,41 @@ unchanged. This is the permute of Meta's convert_llama_weights_to_hf.py; the imp
 inverse. llama.cpp needs none.
 """
 
-HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
-HF_LAYER_NAMES = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
+# ours -> (transformers' name, llama.cpp's name: gguf.TENSOR_NAMES of its LLAMA architecture); in a
+# layer, {layer} is the layer's number
+TOP_NAMES = {"tok_embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight"),
+             "norm.weight": ("model.norm.weight", "output_norm.weight"),
+             "output.weight": ("lm_head.weight", "output.weight")}
+LAYER_NAMES = {
+    "attention_norm.weight": ("input_layernorm.weight", "attn_norm.weight"),
+    "attention.wq.weight": ("self_attn.q_proj.weight", "attn_q.weight"),
+    "attention.wk.weight": ("self_attn.k_proj.weight", "attn_k.weight"),
+    "attention.wv.weight": ("self_attn.v_proj.weight", "attn_v.weight"),
+    "attention.wo.weight": ("self_attn.o_proj.weight", "attn_output.weight"),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", "ffn_up.weight"),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", "ffn_down.weight"),
 }
-# llama.cpp's names (gguf.TENSOR_NAMES of its LLAMA architecture), {bid} the layer
-GGUF_TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                  "output.weight": "output.weight"}
-GGUF_LAYER_NAMES = {
-    "attention_norm.weight": "blk.{bid}.attn_norm.weight",
-    "attention.wq.weight": "blk.{bid}.attn_q.weight",
-    "attention.wk.weight": "blk.{bid}.attn_k.weight",
-    "attention.wv.weight": "blk.{bid}.attn_v.weight",
-    "attention.wo.weight": "blk.{bid}.attn_output.weight",
-    "ffn_norm.weight": "blk.{bid}.ffn_norm.weight",
-    "feed_forward.w1.weight": "blk.{bid}.ffn_gate.weight",
-    "feed_forward.w3.weight": "blk.{bid}.ffn_up.weight",
-    "feed_forward.w2.weight": "blk.{bid}.ffn_down.weight",
-}
+HF, GGUF = 0, 1  # the columns
+LAYER_PREFIX = ("model.layers.{layer}.", "blk.{layer}.")
+
+
+def their_name(name: str, column) -> str:
+    """transformers' (column HF) or llama.cpp's (GGUF) name of one of our tensors:
+    "layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight" / "blk.3.attn_q.weight"."""
+    if name in TOP_NAMES:
+        return TOP_NAMES[name][column]
+    _, layer, rest = name.split(".", 2)
+    return LAYER_PREFIX[column].format(layer=int(layer)) + LAYER_NAMES[rest][column]
 
 
 def hf_name(name: str) -> str:
-    """transformers' name of one of our tensors: "layers.3.attention.wq.weight" ->
-    "model.layers.3.self_attn.q_proj.weight"."""
-    if name in HF_TOP_NAMES:
-        return HF_TOP_NAMES[name]
-    _, layer, rest = name.split(".", 2)
-    return f"model.layers.{layer}.{HF_LAYER_NAMES[rest]}"
+    return their_name(name, HF)
 
 
 def gguf_name(name: str) -> str:
-    """llama.cpp's name of one of our tensors: "layers.3.attention.wq.weight" -> "blk.3.attn_q.weight"."""
-    if name in GGUF_TOP_NAMES:
-        return GGUF_TOP_NAMES[name]
-    _, layer, rest = name.split(".", 2)
-    return GGUF_LAYER_NAMES[rest].format(bid=int(layer))
+    return their_name(name, GGUF)
 
 
 def interleaved_to_halves(w, n_heads):

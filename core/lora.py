@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from core.llama_layout import HF_LAYER_NAMES, halves_to_interleaved, hf_name, interleaved_to_halves, rope_heads
+from core.llama_layout import HF, LAYER_NAMES, halves_to_interleaved, hf_name, interleaved_to_halves, rope_heads
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the K-Model's attention and SwiGLU matrices
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -147,7 +147,7 @@ def peft_name(module_name, part):
 
 def peft_targets() -> dict:
     """Our target names -> peft's target_modules (wq -> q_proj, w1 -> gate_proj, ...)."""
-    return {ours.split(".")[-2]: theirs.split(".")[-2] for ours, theirs in HF_LAYER_NAMES.items()
+    return {ours.split(".")[-2]: theirs[HF].split(".")[-2] for ours, theirs in LAYER_NAMES.items()
             if ours.count(".") == 2}  # "attention.wq.weight": the linear layers, not the norms
 
 

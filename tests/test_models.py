@@ -108,7 +108,7 @@ def test_rows_of_a_cache_hold_prompts_of_any_length_and_refill_alone(make):
     assert torch.allclose(logits[1], model(b)[0][0, -1], atol=1e-5)
     assert cache.lengths.tolist() == [12, 5]
     c = torch.randint(0, 97, (1, 7))
-    row = cache.row(1)
+    row = cache.rows(1, 2)
     row.lengths.zero_()
     assert torch.allclose(prefill(model, row, [c[0].tolist()])[0], model(c)[0][0, -1], atol=1e-5)
     assert cache.lengths.tolist() == [12, 7]
