@@ -57,6 +57,10 @@ from core import corpus
 STORE_VERSION = 1  # bump when the store layout or the encoding changes: old caches are rebuilt
 BATCH_RECORDS = 2048  # records tokenised per encode_batch call: enough work for every core
 PAD_ID = 0  # <unk>, which the byte-level tokenizer never produces from text
+# Batches of varying length are padded to a multiple of this many tokens. Each new input shape costs
+# the CPU's bf16 kernels (oneDNN) a compiled kernel that is kept for the life of the process: padded
+# to every length, SFT grew to 2.4 GB RSS on a bf16 CPU; in steps of 32 it stays under 800 MB.
+PAD_MULTIPLE = 32
 
 # -----------------------------------------------------------------------------
 # chat rendering with trained spans
@@ -341,11 +345,13 @@ class SFTDataset(torch.utils.data.Dataset):
         return tokens[:-1], tokens[1:], mask
 
 
-def collate_batch(samples):
+def collate_batch(samples, max_width=None):
     """[(X, Y, loss_mask)] of varying lengths -> three [B, T] tensors, right-padded with PAD_ID and
-    mask 0 to the longest sample of this batch (not to a fixed length: less padding to compute).
-    The mask is float if any sample's is (ReplayDataset's weights), else an integer tensor."""
-    width = max(len(x) for x, _, _ in samples)
+    mask 0 to the longest sample of this batch (not to a fixed length: less padding to compute),
+    rounded up to PAD_MULTIPLE but not past max_width, the model's context (few shapes to compile
+    kernels for). The mask is float if any sample's is (ReplayDataset's weights), else an integer tensor."""
+    longest = max(len(x) for x, _, _ in samples)
+    width = max(longest, min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_width or longest))
     tokens = torch.full((2, len(samples), width), PAD_ID, dtype=torch.long)
     weighted = any(m.is_floating_point() for _, _, m in samples)
     mask = torch.zeros(len(samples), width, dtype=torch.float32 if weighted else torch.long)

@@ -6,6 +6,7 @@ and the DataLoaders that deal them out to the processes of a run.
 
 import itertools
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def train_loader(ds, cfg, rt, epoch, position):
     # its own generator: otherwise the loader draws its worker seed from the global RNG, and a
     # resumed run (which makes a new loader mid-epoch) would see a different dropout sequence
     return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_batch, drop_last=True,
+        ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=partial(collate_batch, max_width=cfg.max_seq_len), drop_last=True,
         num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -118,5 +119,5 @@ def eval_loader(ds, cfg, rt):
     """The same first samples of the validation set at every evaluation, sharded over the ranks."""
     n = min(len(ds), cfg.eval_batches * cfg.batch_size * rt.world_size)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=range(rt.rank, n, rt.world_size),
-                                       collate_fn=collate_batch, num_workers=0,
+                                       collate_fn=partial(collate_batch, max_width=cfg.max_seq_len), num_workers=0,
                                        generator=torch.Generator())  # see train_loader

@@ -110,6 +110,17 @@ def test_collate_pads_with_zero_and_never_trains_padding(cache, belle_jsonl):
         assert (x[row, n:] == 0).all() and (y[row, n:] == 0).all() and (mask[row, n:] == 0).all()
 
 
+def test_collate_rounds_the_width_up_to_few_shapes_within_the_context():
+    def rows(*lengths):
+        return [(torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.long), torch.ones(n, dtype=torch.long))
+                for n in lengths]
+    assert collate_batch(rows(3, 33), max_width=256)[0].shape == (2, 2 * dataset.PAD_MULTIPLE)
+    assert collate_batch(rows(3, 33), max_width=40)[0].shape == (2, 40)  # never past the model's context
+    assert collate_batch(rows(3, 64), max_width=256)[0].shape == (2, 64)
+    x, y, mask = collate_batch(rows(5, 7), max_width=256)
+    assert x.shape == (2, dataset.PAD_MULTIPLE) and mask[:, 7:].sum() == 0 and (y[:, 7:] == 0).all()
+
+
 def test_show_sample_marks_the_reply():
     ds = [(torch.tensor([1, 5, 6]), torch.tensor([5, 6, 7]), torch.tensor([0, 1, 1]))]
     shown = show_sample(ds, 0, TOKENIZER, ("[[", "]]"))
