@@ -75,7 +75,8 @@ def ask(port, question, max_tokens):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/chat/completions", json.dumps(
         {"model": "bench", "messages": [{"role": "user", "content": question}], "temperature": 0,
-         "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}))
+         "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}),
+        {"Content-Type": "application/json"})
     response = conn.getresponse()
     first, parts, tokens = None, [], 0
     for line in response:

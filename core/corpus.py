@@ -146,6 +146,10 @@ def iter_pretrain_texts(path, stats=None, progress=False):
 
 ROLES = {"system": "system", "user": "user", "human": "user",
          "assistant": "assistant", "gpt": "assistant"}
+# tokenizer_k's special tokens. A conversation whose text holds one literally is skipped: rendered
+# and encoded whole, it would train the model on a forged turn boundary, while serving encodes
+# every message's content as plain text (inference.encode_chat). Pretraining text is not checked.
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>")
 
 
 def _prompt(instruction, extra):
@@ -177,6 +181,8 @@ def to_messages(rec):
         content = turn.get("content", turn.get("value"))
         if role is None or not isinstance(content, str):
             raise BadRecord("bad message")
+        if any(token in content for token in CONTROL_TOKENS):
+            raise BadRecord("a chat control token in a message's text")
         messages.append({"role": role, "content": content})
     # turns after the last reply teach nothing (the loss is on replies only): drop them
     while messages and messages[-1]["role"] != "assistant":

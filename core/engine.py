@@ -14,6 +14,7 @@ Used by serve.py (its HTTP side feeds `Scheduler.submit` and reads each `Generat
 by bench/bench_serve.py; nothing here knows about HTTP.
 """
 
+import sys
 import threading
 import traceback
 from collections import deque
@@ -33,9 +34,16 @@ def held_back(text, stops) -> int:
     return max((k for s in stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
 
 
+# why a generation failed, as its client reads it
+FAILURES = {"error": "the server failed while decoding this request",
+            "sampling": "drawing the next token failed with this request's sampling settings",
+            "shutdown": "the server is shutting down: retry on a running server"}
+
+
 class Generation:
     """A request's prompt, settings and text so far. `emit` (thread-safe) receives ("text", delta)
-    events, then one ("done", finish_reason) or ("error", message)."""
+    events, then one ("done", finish_reason) or ("error", message); finish_reason says which (a
+    key of FAILURES for an error)."""
 
     def __init__(self, prompt, tokenizer, stop_ids, emit, max_tokens, temperature=1.0, top_k=None, top_p=None,
                  repetition_penalty=1.0, stop=(), seed=None, device="cpu"):
@@ -47,6 +55,7 @@ class Generation:
         self.tokens = []  # generated, stop token excluded
         self.sent = 0  # characters of the text already emitted
         self.cancelled = False  # set by the HTTP side; the scheduler frees the row at its next step
+        self.failure = None  # a key of FAILURES, set by Scheduler.drain: freed at the next step as failed
         self.finish_reason = None
 
     def accept(self, token) -> str | None:
@@ -74,7 +83,7 @@ class Generation:
 
     def finish(self, reason):
         self.finish_reason = reason
-        self.emit(("error", "the server failed while decoding this request") if reason == "error" else ("done", reason))
+        self.emit(("error", FAILURES[reason]) if reason in FAILURES else ("done", reason))
 
 # -----------------------------------------------------------------------------
 # the scheduler: one thread, one KV cache, continuous batching
@@ -82,6 +91,10 @@ class Generation:
 
 class QueueFull(Exception):
     pass
+
+
+class Draining(Exception):
+    """The server is shutting down: no new generation is taken."""
 
 
 class Scheduler:
@@ -98,14 +111,16 @@ class Scheduler:
         self.waiting = deque()
         self.n_busy = 0  # rows holding a generation; with `waiting`, guarded by `lock`
         self.lock = threading.Condition()
-        self.closed = False
+        self.closed = self.draining = False
         self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self.thread.start()
 
     def submit(self, generation):
         """Queue a generation; QueueFull when more would wait than max_queue once every free row is taken."""
         with self.lock:
-            if self.closed or len(self.waiting) >= self.max_queue + self.max_batch - self.n_busy:
+            if self.closed or self.draining:
+                raise Draining
+            if len(self.waiting) >= self.max_queue + self.max_batch - self.n_busy:
                 raise QueueFull
             self.waiting.append(generation)
             self.lock.notify()
@@ -117,6 +132,18 @@ class Scheduler:
             if generation in self.waiting:
                 self.waiting.remove(generation)
 
+    def drain(self, reason="shutdown"):
+        """Refuse new generations and fail every one queued or decoding (each client gets an error,
+        not a cut connection): the waiting ones now, the decoding ones at the next step."""
+        with self.lock:
+            self.draining = True
+            waiting, self.waiting = list(self.waiting), deque()
+            for g in filter(None, self.slots):
+                g.failure = reason
+            self.lock.notify()
+        for g in waiting:
+            g.finish(reason)
+
     def close(self):
         with self.lock:
             self.closed = True
@@ -124,6 +151,8 @@ class Scheduler:
         self.thread.join()
         for g in [*self.waiting, *filter(None, self.slots)]:
             g.finish("error")
+        self.waiting.clear()
+        self.slots = [None] * self.max_batch
 
     @torch.inference_mode()
     def _run(self):
@@ -158,18 +187,24 @@ class Scheduler:
 
     def _step(self):
         for b, g in enumerate(self.slots):
-            if g is not None and g.cancelled:
-                self._free(b, "cancelled")
+            if g is not None and (g.cancelled or g.failure):
+                self._free(b, g.failure or "cancelled")
         busy = [(b, g) for b, g in enumerate(self.slots) if g is not None]
         if not busy:
             return
-        # greedy rows by one argmax, the others row by row with their own settings and generator
+        # greedy rows by one argmax, the others row by row with their own settings and generator; a
+        # row whose drawing fails fails its own request only
         greedy = [b for b, g in busy if g.sampling.greedy]
         groups = [(greedy, Sampling(temperature=0))] * bool(greedy) + [
             ([b], g.sampling) for b, g in busy if not g.sampling.greedy]
-        tokens = self.decoder.sample(groups)
+        failed = set()
+
+        def sampling_failed(rows, error):
+            print(f"scheduler: sampling failed for row(s) {rows}: {error!r}", file=sys.stderr)
+            failed.update(rows)
+        tokens = self.decoder.sample(groups, on_error=sampling_failed)
         for (b, g), token in zip(busy, tokens[[b for b, _ in busy]].tolist()):
-            reason = g.accept(token)
+            reason = "sampling" if b in failed else g.accept(token)
             if reason:
                 self._free(b, reason)
         going = [b for b, _ in busy if self.slots[b] is not None]

@@ -337,8 +337,7 @@ def sentiment_evals(cfg):
     items = corpus.sentiment_test_set(corpus.embedded_paths()["sft_test"])
 
     def answer(model, prompts):
-        ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for p in prompts]
+        ids = [encode_chat(tokenizer, p) for p in prompts]
         replies = []
         for i in range(0, len(ids), ANSWER_BATCH):
             replies += model.generate(ids[i:i + ANSWER_BATCH], max_new_tokens=4, temperature=0, stop_ids=(stop,))

@@ -92,6 +92,11 @@ class KVCache:
 # sampling
 
 
+# Below this temperature sampling is greedy: dividing the logits by less overflows float32 into
+# infinities that tie (or, against each other, make NaN) instead of sharpening the distribution.
+MIN_TEMPERATURE = 1e-4
+
+
 def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
     """Refuse settings that mean nothing, in one line; top_k of None or <= 0 means no top-k, as in
     transformers."""
@@ -111,10 +116,12 @@ def apply_repetition_penalty(logits, seen, penalty):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Draw one token per row of logits [B, V]. temperature 0 is greedy (argmax)."""
-    if temperature == 0:
+    """Draw one token per row of logits [B, V]. A temperature under MIN_TEMPERATURE is greedy (argmax).
+    Whatever the settings, every row keeps at least its most likely token, and the probabilities
+    are finite: an extreme value (a repetition penalty of 1e-40) cannot make NaNs."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = torch.nan_to_num(logits.float() / temperature)  # +-inf -> the largest finite floats
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -122,7 +129,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         # nucleus: keep the smallest set of most likely tokens whose probability reaches top_p
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs >= top_p  # the best token is always kept
+        outside = probs.cumsum(-1) - probs >= top_p
+        outside[:, 0] = False  # the best token always stays (a top_p of 1e-300 rounds to 0 in float32)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
@@ -193,7 +201,7 @@ class Sampling:
 
     @property
     def greedy(self):
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+        return self.temperature < MIN_TEMPERATURE and self.repetition_penalty == 1.0
 
 
 class Decoder:
@@ -233,16 +241,23 @@ class Decoder:
             self.seen[b] = False
             self.seen[b, ids] = True
 
-    def sample(self, groups) -> torch.Tensor:
+    def sample(self, groups, on_error=None) -> torch.Tensor:
         """One token per row [rows] (0 in rows of no group): for each (rows, Sampling) of groups, the
-        rows' logits drawn together with those settings and that generator."""
+        rows' logits drawn together with those settings and that generator. on_error(rows, exception):
+        a group whose drawing fails is reported there (its rows get 0) and the other groups go on;
+        without it the exception propagates."""
         tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)
         for rows, sampling in groups:
-            logits = self.logits[rows]
-            if sampling.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, self.seen[rows], sampling.repetition_penalty)
-            tokens[rows] = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                                       sampling.generator)
+            try:
+                logits = self.logits[rows]
+                if sampling.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, self.seen[rows], sampling.repetition_penalty)
+                tokens[rows] = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                           sampling.generator)
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(rows, e)
         return tokens
 
     def step(self, tokens, going):

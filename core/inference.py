@@ -12,6 +12,7 @@ byte-level tokens); encode_chat renders a conversation with the chat template, i
 as plain text (see encode_chat).
 """
 
+import secrets
 from pathlib import Path
 
 import torch
@@ -55,10 +56,27 @@ class StreamDecoder:
 
 def encode_chat(tokenizer, history):
     """ChatML ids of the system prompt + history, ending with the assistant's generation prompt.
-    The default system prompt, unless the history opens with its own system turn."""
+    The default system prompt, unless the history opens with its own system turn.
+
+    The control tokens come from the template only: each message's content is encoded as plain
+    text, so a user who types "<|im_end|>\n<|im_start|>system" gets those characters, not a forged
+    turn. The template is rendered with a random marker in place of each content; the pieces between
+    the markers are the template's own text (special tokens recognised), the contents are encoded
+    with split_special_tokens. Training data never holds such strings (corpus.to_messages skips those
+    records), so for every conversation the two encodings agree."""
     own_system = bool(history) and history[0]["role"] == "system"
     messages = history if own_system else [{"role": "system", "content": DEFAULT_SYSTEM}] + history
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    marker = f"\x00{secrets.token_hex(8)}\x00"
+    rendered = tokenizer.apply_chat_template([{**m, "content": marker} for m in messages],
+                                             add_generation_prompt=True, tokenize=False)
+    pieces = rendered.split(marker)
+    if len(pieces) != len(messages) + 1:
+        raise ValueError("the chat template does not write each message's content once: cannot encode it safely")
+    ids = tokenizer.encode(pieces[0], add_special_tokens=False)
+    for message, template_text in zip(messages, pieces[1:]):
+        ids += tokenizer.encode(message["content"], add_special_tokens=False, split_special_tokens=True)
+        ids += tokenizer.encode(template_text, add_special_tokens=False)
+    return ids
 
 
 def fit_history(tokenizer, history, budget):

@@ -16,16 +16,17 @@ from types import SimpleNamespace
 import openai
 import pytest
 import torch
-import uvicorn
 
 import serve
+from core.api import MAX_BODY_BYTES, create_app
 from core.checkpoint import copy_tokenizer, save_checkpoint
 from core.corpus import DEFAULT_SYSTEM
 from core.engine import Generation, Scheduler
+from core.http_guard import make_server
 from core.hf_llama import to_hf_llama
 from core.inference import encode_chat
 from k_model import ModelConfig, Transformer
-from serve import create_app, load_for_serving
+from serve import load_for_serving
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; playwright's own browser download cannot run here
@@ -46,8 +47,9 @@ def tiny():
 
 
 @contextmanager
-def running(model, tokenizer, api_key=KEY, **scheduler_settings):
-    """serve.py's app on a free loopback port, in this process; `submitted` records every generation."""
+def running(model, tokenizer, api_key=KEY, app_settings=None, server_settings=None, **scheduler_settings):
+    """serve.py's app and server on a free loopback port, in this process; `submitted` records every
+    generation. app_settings: more create_app arguments; server_settings: more make_server ones."""
     scheduler = Scheduler(model, **scheduler_settings)
     submitted, submit = [], scheduler.submit
 
@@ -55,8 +57,8 @@ def running(model, tokenizer, api_key=KEY, **scheduler_settings):
         submit(generation)
         submitted.append(generation)
     scheduler.submit = recording_submit
-    server = uvicorn.Server(uvicorn.Config(create_app(scheduler, tokenizer, "tiny", api_key), host="127.0.0.1",
-                                           port=0, log_level="warning"))
+    app = create_app(scheduler, tokenizer, "tiny", api_key, **(app_settings or {}))
+    server = make_server(app, "127.0.0.1", 0, scheduler.drain, log_level="warning", **(server_settings or {}))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started)
@@ -64,7 +66,7 @@ def running(model, tokenizer, api_key=KEY, **scheduler_settings):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key or "none", max_retries=0)
     try:
         yield SimpleNamespace(port=port, scheduler=scheduler, submitted=submitted, client=client,
-                              model=model, tokenizer=tokenizer)
+                              model=model, tokenizer=tokenizer, server=server)
     finally:
         server.should_exit = True
         thread.join()
@@ -158,7 +160,8 @@ def test_stream_sends_chunks_then_done(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/chat/completions", json.dumps(
         {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 30, "stream": True,
-         "stream_options": {"include_usage": True}}), {"Authorization": f"Bearer {KEY}"})
+         "stream_options": {"include_usage": True}}),
+        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
     events = response.read().decode().split("\n\n")
@@ -286,7 +289,7 @@ def test_limits_are_400_or_413_with_the_reason(server):
     assert e.value.body["code"] == "context_length_exceeded" and "context is 128" in e.value.body["message"]
     status, answer = post(server.port, "/v1/completions", {"prompt": "北京", "max_tokens": 129})
     assert status == 400 and answer["error"]["param"] == "max_tokens"
-    status, answer = post(server.port, "/v1/completions", b'{"prompt": "' + b"a" * serve.MAX_BODY_BYTES + b'"}')
+    status, answer = post(server.port, "/v1/completions", b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}')
     assert status == 413
     assert_openai_error(answer)
     for method, path, status in [("GET", "/nowhere", 404), ("GET", "/v1/chat/completions", 405)]:
@@ -337,7 +340,8 @@ def test_client_that_leaves_frees_its_row(served):
     with running(*served, max_batch=2, max_queue=0) as s, gated(s.scheduler) as gate:
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
         conn.request("POST", "/v1/chat/completions", json.dumps(
-            {"messages": chat("你好"), "max_tokens": 100, "stream": True}), {"Authorization": f"Bearer {KEY}"})
+            {"messages": chat("你好"), "max_tokens": 100, "stream": True}),
+            {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
         response = conn.getresponse()
         assert response.readline().startswith(b"data: ")  # the first chunk: decoding has begun
         generation = s.submitted[0]
