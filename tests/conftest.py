@@ -81,3 +81,26 @@ def alpaca_jsonl(sft_conversations, fixtures_dir):
         instruction, _, review = messages[1]["content"].partition("\n")
         records.append({"instruction": instruction, "input": review, "output": messages[-1]["content"]})
     return write_jsonl(fixtures_dir / "alpaca_1k.jsonl", records)
+
+
+# -----------------------------------------------------------------------------
+# serving (tests/serving.py has the helpers)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The tiny model and its tokenizer, loaded from a checkpoint the way serve.py loads them."""
+    from serving import tiny
+
+    from core.checkpoint import save_checkpoint
+    from serve import load_for_serving
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("run"), tiny(), step=1, tokenizer_dir=TOKENIZER_DIR)
+    return load_for_serving(ckpt.parent, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """serve.py's app on a loopback port, shared by a test module's requests."""
+    from serving import running
+    with running(*served, max_batch=8, max_queue=8) as s:
+        yield s

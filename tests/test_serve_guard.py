@@ -14,8 +14,7 @@ import threading
 import openai
 import pytest
 import torch
-from test_serve import (CHAT_STOP, KEY, chat, expected, gated, post, running, served, server,  # noqa: F401
-                        slowed, wait_until)
+from serving import CHAT_STOP, KEY, chat, expected, gated, post, running, slowed, wait_until
 
 from core import api, corpus
 from core.engine import Generation, Scheduler
