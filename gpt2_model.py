@@ -110,5 +110,5 @@ class GPT2(CausalLM):
         # scale the embedding up so the fixed positions (values in [-1, 1]) do not drown it
         x = self.dropout(self.embedding(tokens) * math.sqrt(self.config.dim) + self.positions[positions])
         for block in self.blocks:
-            x = block(x, cache, mask)
+            x = self.run_block(block, x, cache, mask)
         return x

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from core import generation
 
@@ -164,9 +165,20 @@ class CausalLM(nn.Module):
     `transform(tokens, positions, cache, mask) -> hidden states [B, T, dim]`.
     """
 
+    activation_checkpointing = False  # set by the trainer: --activation_checkpointing
+
     def num_params(self):
         # parameters() yields a tied matrix once, so the shared embedding/head is counted once
         return sum(p.numel() for p in self.parameters())
+
+    def run_block(self, block, x, *args):
+        """One block of transform. With activation checkpointing, while training, the block keeps
+        only its input for the backward pass and recomputes the rest there: the activations of one
+        block at a time instead of all of them, for about a third more compute. The recomputation
+        replays the same dropout (the RNG state is saved), so the gradients are the same."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
 
     def hidden_states(self, tokens, cache=None):
         """tokens [B, T] -> [B, T, dim]. Without a cache the positions are 0..T-1 and attention is
@@ -248,7 +260,7 @@ class Transformer(CausalLM):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B or 1, T, head_dim/2]
         x = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask)
+            x = self.run_block(layer, x, cos, sin, cache, mask)
         return self.norm(x)
 
 

@@ -261,3 +261,27 @@ def test_the_captured_decoding_path_gives_the_eager_tokens(monkeypatch):
     eager = model.generate(prompts, max_new_tokens=40, temperature=0, captured=False)  # past the context too
     assert model.generate(prompts, max_new_tokens=40, temperature=0, captured=True) == eager
     assert eager == [model.generate([p], max_new_tokens=40, temperature=0)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("make", [tiny_k, tiny_gpt2])
+def test_activation_checkpointing_recomputes_blocks_and_changes_no_gradient(make):
+    model = make(dropout=0.1).train()  # dropout: the recomputation must draw the same masks
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    first_block = next(m for m in model.modules() if type(m).__name__ in ("DecoderLayer", "Block"))
+    calls = []
+    first_block.register_forward_pre_hook(lambda *_: calls.append(1))  # a pre-hook: the recomputation stops early, before the block's end
+
+    def loss_and_grads(checkpointing):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(1)
+        loss = model(x, y)[1]
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()], len(calls)
+
+    loss, grads, forwards = loss_and_grads(False)
+    loss_ac, grads_ac, forwards_ac = loss_and_grads(True)
+    assert (forwards, forwards_ac) == (1, 2)  # kept once; with checkpointing run again in the backward pass
+    assert loss_ac == pytest.approx(loss, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_ac))
