@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, processors
 
-from core import corpus
+from core import corpus, locks
 
 STORE_VERSION = 1  # bump when the store layout or the encoding changes: old caches are rebuilt
 BATCH_RECORDS = 2048  # records tokenised per encode_batch call: enough work for every core
@@ -234,12 +234,25 @@ def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore
     fingerprint = _fingerprint(path, tokenizer_path, kind)
     key = hashlib.sha1(fingerprint["source"].encode()).hexdigest()[:10]
     out = Path(cache_dir) / f"{path.stem}-{kind}-{key}"
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if {k: meta.get(k) for k in fingerprint} == fingerprint:
-            return TokenStore(out)
+    if _is_built(out, fingerprint):
+        return TokenStore(out)
+    # one build at a time per cache folder: two processes (two runs, or the nodes of one job on a
+    # shared disk) that both find no store wait here, and the second one then finds the first one's
+    with locks.FileLock(Path(cache_dir) / ".build.lock"):
+        if not _is_built(out, fingerprint):
+            _build(path, tokenizer_path, tokenizer_dir, kind, fingerprint, out)
+    return TokenStore(out)
 
+
+def _is_built(out, fingerprint) -> bool:
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return {k: meta.get(k) for k in fingerprint} == fingerprint
+
+
+def _build(path, tokenizer_path, tokenizer_dir, kind, fingerprint, out):
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -270,7 +283,6 @@ def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{path}: {n_docs:,} documents, {n_tokens:,} tokens", file=sys.stderr, flush=True)
-    return TokenStore(out)
 
 # -----------------------------------------------------------------------------
 # datasets: (X, Y, loss_mask) samples

@@ -35,7 +35,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from tokenizers import Tokenizer
 
-from core import lora
+from core import locks, lora
 from gpt2_model import GPT2, GPT2Config
 from k_model import ModelConfig, Transformer
 
@@ -116,6 +116,16 @@ def save_checkpoint(out_dir, model, step, train_state=None, tokenizer_dir=None, 
     for old in sorted(out_dir.glob("ckpt-*"))[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def lock_out_dir(out_dir) -> locks.FileLock:
+    """Lock out_dir/.lock for this run (the lock dies with the process, so a killed run resumes at
+    once): a second run on the same --out_dir, which would train into it or --overwrite it, is refused."""
+    try:
+        return locks.FileLock(Path(out_dir) / ".lock", wait=False)
+    except locks.Busy as e:
+        raise SystemExit(f"--out_dir {out_dir} is in use by another run ({e}): wait for it to end, "
+                         "or pass another --out_dir") from None
 
 
 def prepare_out_dir(out_dir, resume, overwrite, master) -> Path | None:

@@ -116,8 +116,9 @@ def train_loader(ds, cfg, rt, epoch, position):
 
 
 def eval_loader(ds, cfg, rt):
-    """The same first samples of the validation set at every evaluation, sharded over the ranks."""
-    n = min(len(ds), cfg.eval_batches * cfg.batch_size * rt.world_size)
+    """The same first samples of the validation set at every evaluation, whatever the number of
+    processes (so the validation loss does not depend on it), sharded over the ranks."""
+    n = min(len(ds), cfg.eval_batches * cfg.batch_size)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=range(rt.rank, n, rt.world_size),
                                        collate_fn=partial(collate_batch, max_width=cfg.max_seq_len), num_workers=0,
                                        generator=torch.Generator())  # see train_loader

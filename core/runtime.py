@@ -10,6 +10,8 @@ torchrun's agent stops the others. `--parallel dp` uses nn.DataParallel in one p
 as happy-llm does.
 """
 
+import hashlib
+import json
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -37,10 +39,36 @@ class Runtime:
         return self.rank == 0
 
 
+# set by relaunch_for_gpus in the environment of the torchrun it starts: the workers' --gpus was the launcher's
+RELAUNCHED = "K_MODEL_RELAUNCHED_FOR_GPUS"
+
+
+def check_same_on_every_rank(rt, what: dict):
+    """Stop, naming the first rank that differs from rank 0, when the processes of a job do not train
+    the same thing (another file or tokenizer on one node): they would otherwise disagree on the
+    number of steps and wait for each other forever in a collective. what: small, JSON-able."""
+    mine = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    every = [None] * rt.world_size
+    dist.all_gather_object(every, (mine, what), group=rt.prep_group)
+    differ = [r for r, (digest, _) in enumerate(every) if digest != every[0][0]]
+    if differ:
+        theirs, reference = every[differ[0]][1], every[0][1]
+        keys = [k for k in sorted(set(theirs) | set(reference)) if theirs.get(k) != reference.get(k)]
+        raise SystemExit(f"rank {differ[0]} does not train what rank 0 does ({', '.join(keys)} differ): every node "
+                         "needs the same --data_path file, tokenizer and flags")
+
+
 def relaunch_for_gpus(cfg, argv):
     """--gpus 0,1 (DDP): start one process per GPU through torchrun, with this script's arguments.
     Returns the GPU ids when this process itself should use them (one GPU, or DataParallel)."""
-    if cfg.gpus is None or "RANK" in os.environ:  # no --gpus, or already one of torchrun's workers
+    if "RANK" in os.environ:  # one of torchrun's workers: torchrun chose the processes and their GPUs
+        if cfg.gpus is not None and os.environ.get(RELAUNCHED) != cfg.gpus:
+            raise SystemExit(f"--gpus {cfg.gpus} under torchrun: torchrun decides the processes and GPUs "
+                             "(--nproc_per_node, CUDA_VISIBLE_DEVICES); drop --gpus")
+        if cfg.parallel == "dp":
+            raise SystemExit("--parallel dp under torchrun: torchrun runs DDP, one process per GPU; drop --parallel dp")
+        return None
+    if cfg.gpus is None:
         return None
     try:
         ids = [int(i) for i in cfg.gpus.split(",") if i.strip()]
@@ -56,7 +84,7 @@ def relaunch_for_gpus(cfg, argv):
         return ids
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # ids count within an existing restriction
     names = visible.split(",") if visible else [str(i) for i in range(count)]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(names[i] for i in ids))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(names[i] for i in ids), **{RELAUNCHED: cfg.gpus})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(ids)}",
            sys.argv[0], *argv]
     print(f"launching {len(ids)} DDP processes on GPUs {cfg.gpus}: {' '.join(cmd[1:])}", flush=True)
@@ -78,8 +106,9 @@ def setup_runtime(cfg, gpu_ids) -> Runtime:
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
-        else:  # share the cores between the processes of this node
-            torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["LOCAL_WORLD_SIZE"])))
+        else:  # share the cores this process may use (taskset, cgroups) between the processes of this node
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            torch.set_num_threads(max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=15),
                                 device_id=device if cuda else None)
         # tokenising a large corpus takes longer than any collective should: wait for it on its own group

@@ -8,12 +8,19 @@ to final_lr_frac of it (happy-llm: a tenth) at the last planned step. The number
 run ends inside the limit. A run resumed with a larger --max_steps / --epochs (or another
 --time_limit) re-plans from where it is: the cosine goes on from the current learning rate down to
 its floor at the new last step (decay_start, decay_from).
+
+Resuming (resume_state) restores the state, the optimizer and each rank's random streams. The global
+batch a run began with is kept: on another number of processes --accumulation_steps is recomputed
+(the data order is global, so the same samples make each step), and a change that cannot keep it is
+refused in one line (keep_global_batch).
 """
 
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from core import checkpoint
 
 
 def lr_at(step, peak, warmup, total, decay_start=None, decay_from=None, final_frac=0.1):
@@ -92,3 +99,61 @@ class TimeBudget:
         due = (self.eval_seconds * (next_step % self.eval_interval == 0)
                + self.save_seconds * (next_step % self.save_interval == 0))
         return time.time() + self.per_step() + due + self.eval_seconds + self.save_seconds > self.deadline
+
+# -----------------------------------------------------------------------------
+# resuming a run
+
+
+def keep_global_batch(cfg, world_size, saved) -> str | None:
+    """Make cfg continue the saved run's global batch (it fixes the epoch length, the samples of each
+    step and the learning-rate plan): on another number of processes --accumulation_steps is
+    recomputed; any other change of it is refused. Returns what changed, for the log."""
+    before, world_before = saved["config"], len(saved["rng"])
+    wanted = before["batch_size"] * before["accumulation_steps"] * world_before
+    if cfg.batch_size * cfg.accumulation_steps * world_size == wanted:
+        return None
+    per_step = cfg.batch_size * world_size
+    if world_size != world_before and wanted % per_step == 0:
+        old, cfg.accumulation_steps = cfg.accumulation_steps, wanted // per_step
+        return (f"{world_size} process(es) instead of {world_before}: --accumulation_steps {old} -> "
+                f"{cfg.accumulation_steps} keeps the global batch of {wanted} samples")
+    raise SystemExit(f"--resume: the run's global batch is {wanted} (--batch_size {before['batch_size']} x "
+                     f"--accumulation_steps {before['accumulation_steps']} x {world_before} process(es)), here it "
+                     f"would be {cfg.batch_size * cfg.accumulation_steps * world_size} ({cfg.batch_size} x "
+                     f"{cfg.accumulation_steps} x {world_size}): pass --batch_size and --accumulation_steps whose "
+                     f"product with {world_size} is {wanted}, or start a new run in another --out_dir")
+
+
+def resume_state(cfg, rt, saved, steps_per_epoch, optimizer, scaler, say=print) -> RunState:
+    """The state of the saved run (checkpoint.load_train_state), with its optimizer, scaler and RNG
+    restored. Unchanged flags continue it exactly; a changed --max_steps / --epochs / --time_limit
+    re-plans its length."""
+    optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"] and scaler.is_enabled():  # a bf16 or fp32 run saves no loss scale; fp16 starts afresh
+        scaler.load_state_dict(saved["scaler"])
+    if len(saved["rng"]) == rt.world_size:
+        checkpoint.set_rng_state(saved["rng"][rt.rank])
+    else:
+        say(f"resume: the run saved {len(saved['rng'])} random streams (one per process) and {rt.world_size} "
+            "process(es) run now: they start afresh (only dropout draws from them)")
+    state = RunState(**{f.name: saved[f.name] for f in fields(RunState) if f.name in saved})
+    before = saved["config"]
+    changed = [f"--{name} {before.get(name)} -> {getattr(cfg, name)}" for name in ("max_steps", "epochs", "time_limit")
+               if before.get(name) != getattr(cfg, name)]
+    if not changed:
+        if state.step >= state.total_steps:
+            raise SystemExit(f"--resume: the run in {cfg.out_dir} has finished its {state.total_steps} steps; pass a "
+                             f"larger --max_steps (or --epochs) to train longer, or another --out_dir for a new run")
+        return state
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if total <= state.step:
+        raise SystemExit(f"--resume with {', '.join(changed)}: the run in {cfg.out_dir} is already at step {state.step} "
+                         f"of {steps_per_epoch} per epoch; ask for more steps than {state.step}")
+    lr_now = state.lr(cfg)
+    if state.step >= cfg.warmup_iters:  # during warmup the new length changes nothing yet
+        state.decay_start, state.decay_from = state.step, lr_now
+    state.total_steps, state.planned = total, not cfg.time_limit
+    end = f"step {total}" if state.planned else f"the step --time_limit {cfg.time_limit:.0f}s plans (at most {total})"
+    say(f"resume with {', '.join(changed)}: re-planned from step {state.step} to {end}; the learning rate "
+        f"goes on from {lr_now:.3g} and decays by a cosine to {cfg.learning_rate * cfg.final_lr_frac:.3g} at the last step")
+    return state

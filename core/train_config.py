@@ -114,9 +114,11 @@ class TrainConfig:
     parallel: str = arg("ddp", "with several --gpus: ddp (one process per GPU) or dp (nn.DataParallel)",
                         choices=["ddp", "dp"])
     compile: bool | None = arg(None, "torch.compile the model; None: on for CUDA, off on the CPU (little gain there)")
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward pass instead of "
+                                                "keeping them: a larger --batch_size fits, for ~1/3 more compute")
     # evaluation, logging, checkpoints
     eval_interval: int = arg(1000, "evaluate every this many steps (and before the first and after the last)")
-    eval_batches: int = arg(50, "at most this many batches per process per evaluation")
+    eval_batches: int = arg(50, "at most this many batches per evaluation, shared by the processes")
     log_interval: int = arg(100, "log every this many steps")
     save_interval: int = arg(1000, "checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = arg(3, "keep the newest this many checkpoints")

@@ -32,12 +32,14 @@ dataset.py (the datasets), loaders.py (their split and loaders), checkpoint.py (
 loading; the weights a run starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
 """
 
+import hashlib
 import math
 import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +51,9 @@ from tqdm import tqdm
 from core import checkpoint
 from core.loaders import eval_loader, load_datasets, train_loader
 from core.optim import make_optimizer
-from core.runtime import Runtime, all_reduce, autocast, autocast_dtype, relaunch_for_gpus, setup_runtime, wrap_model
-from core.schedule import RunState, TimeBudget
+from core.runtime import (Runtime, all_reduce, autocast, autocast_dtype, check_same_on_every_rank, relaunch_for_gpus,
+                          setup_runtime, wrap_model)
+from core.schedule import RunState, TimeBudget, keep_global_batch, resume_state
 from core.tracking import Tracker
 from core.train_config import TrainConfig, parse_config
 
@@ -155,43 +158,19 @@ def evaluate(model, loader, rt, amp, chars=None, units=Objective.units) -> dict:
 # starting and resuming a run
 
 
+PATH_FIELDS = ("data_path", "replay_path", "tokenizer_dir", "init_from", "out_dir", "cache_dir")
+
+
+def sample_digest(sample) -> str:
+    """A short hash of one (X, Y, loss_mask) sample: which tokens a rank's store holds."""
+    return hashlib.sha1(b"".join(torch.as_tensor(t).numpy().tobytes() for t in sample)).hexdigest()[:16]
+
+
 def say(rt, message):
     """Print on rank 0 only, above the progress bar."""
     if rt.master:
         tqdm.write(message)
         sys.stdout.flush()
-
-
-def resume_state(cfg, rt, ckpt, steps_per_epoch, optimizer, scaler) -> RunState:
-    """The state of the run in ckpt, with its optimizer, scaler and RNG restored. Unchanged flags
-    continue it exactly; a changed --max_steps / --epochs / --time_limit re-plans its length."""
-    saved = checkpoint.load_train_state(ckpt)
-    optimizer.load_state_dict(saved["optimizer"])
-    if saved["scaler"] and scaler.is_enabled():  # a bf16 or fp32 run saves no loss scale; fp16 starts afresh
-        scaler.load_state_dict(saved["scaler"])
-    if len(saved["rng"]) == rt.world_size:
-        checkpoint.set_rng_state(saved["rng"][rt.rank])
-    state = RunState(**{f.name: saved[f.name] for f in fields(RunState) if f.name in saved})
-    before = saved["config"]
-    changed = [f"--{name} {before.get(name)} -> {getattr(cfg, name)}" for name in ("max_steps", "epochs", "time_limit")
-               if before.get(name) != getattr(cfg, name)]
-    if not changed:
-        if state.step >= state.total_steps:
-            raise SystemExit(f"--resume: the run in {cfg.out_dir} has finished its {state.total_steps} steps; pass a "
-                             f"larger --max_steps (or --epochs) to train longer, or another --out_dir for a new run")
-        return state
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    if total <= state.step:
-        raise SystemExit(f"--resume with {', '.join(changed)}: the run in {cfg.out_dir} is already at step {state.step} "
-                         f"of {steps_per_epoch} per epoch; ask for more steps than {state.step}")
-    lr_now = state.lr(cfg)
-    if state.step >= cfg.warmup_iters:  # during warmup the new length changes nothing yet
-        state.decay_start, state.decay_from = state.step, lr_now
-    state.total_steps, state.planned = total, not cfg.time_limit
-    end = f"step {total}" if state.planned else f"the step --time_limit {cfg.time_limit:.0f}s plans (at most {total})"
-    say(rt, f"resume with {', '.join(changed)}: re-planned from step {state.step} to {end}; the learning rate "
-        f"goes on from {lr_now:.3g} and decays by a cosine to {cfg.learning_rate * cfg.final_lr_frac:.3g} at the last step")
-    return state
 
 
 def out_of_memory(cfg, rt, state, first_step):
@@ -235,10 +214,9 @@ class Run:
     loss_model: torch.nn.Module  # what computes the loss: raw_model itself, or the objective's module around it
 
 
-def prepare(cfg, gpu_ids, evals, start_time, objective=None) -> Run:
-    """Devices, the model (from a checkpoint if resuming or --init_from, checked before any time goes
-    into tokenising), the data, the optimizer and the state of the run, with the config printed."""
-    rt = setup_runtime(cfg, gpu_ids)
+def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
+    """The model (from a checkpoint if resuming or --init_from, checked before any time goes into
+    tokenising), the data, the optimizer and the state of the run, with the config printed."""
     amp_dtype = autocast_dtype(cfg, rt.device)
     compile_model = rt.device.type == "cuda" if cfg.compile is None else cfg.compile
     say(rt, "config:\n" + "\n".join(f"  {k:20s} {v}" for k, v in asdict(cfg).items()))
@@ -262,22 +240,30 @@ def prepare(cfg, gpu_ids, evals, start_time, objective=None) -> Run:
     elif cfg.kind == "sft":
         say(rt, "warning: SFT from random weights; run `python pretrain.py` first or pass --init_from")
     raw_model.to(rt.device)
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
     objective = objective or Objective()
     train_ds, val_ds = objective.datasets(cfg, rt)
+    if rt.ddp:  # the same flags and data everywhere; paths may differ between nodes, their contents may not
+        config = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS}
+        check_same_on_every_rank(rt, {**config, "train samples": len(train_ds), "validation samples": len(val_ds),
+                                      "first sample": sample_digest(train_ds[0]) if len(train_ds) else None})
     torch.manual_seed(cfg.seed + rt.rank)  # from here on, each rank its own stream (dropout)
     random.seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
     optimizer = make_optimizer(raw_model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
 
+    saved = checkpoint.load_train_state(resume_from) if resume_from is not None else None
+    if saved is not None and (note := keep_global_batch(cfg, rt.world_size, saved)):
+        say(rt, f"resume: {note}")
     global_batch = cfg.batch_size * cfg.accumulation_steps * rt.world_size
     steps_per_epoch = len(train_ds) // global_batch
     if steps_per_epoch == 0:
         raise SystemExit(f"{cfg.data_path or 'the embedded corpus'}: {len(train_ds)} training samples, fewer than "
                          f"one global batch of {global_batch} (batch_size x accumulation_steps x processes); "
                          "lower --batch_size or --accumulation_steps")
-    if resume_from is not None:
-        state = resume_state(cfg, rt, resume_from, steps_per_epoch, optimizer, scaler)
+    if saved is not None:
+        state = resume_state(cfg, rt, saved, steps_per_epoch, optimizer, scaler, partial(say, rt))
     else:
         state = RunState(total_steps=cfg.max_steps or cfg.epochs * steps_per_epoch,
                          planned=not (cfg.time_limit and cfg.fit_schedule))
@@ -350,8 +336,16 @@ def train(cfg: TrainConfig, gpu_ids=None, evals=None, objective=None):
     """Run the training described by cfg. `evals` maps a name to fn(model) -> float, measured on
     rank 0 with each validation (e.g. sft.py's sentiment accuracy); `objective` replaces next-token
     prediction (dpo.py)."""
-    run = prepare(cfg, gpu_ids, evals, time.time(), objective)
-    rt, state, budget = run.rt, run.state, run.budget
+    start_time = time.time()
+    rt = setup_runtime(cfg, gpu_ids)
+    # rank 0 holds --out_dir's lock for the whole run, and lets it go however the run ends
+    with checkpoint.lock_out_dir(cfg.out_dir) if rt.master else nullcontext():
+        return run_loop(prepare(cfg, rt, evals, start_time, objective))
+
+
+def run_loop(run: Run) -> dict:
+    """Steps, logs, evaluations and checkpoints until the planned last step (or the time limit)."""
+    cfg, rt, state, budget = run.cfg, run.rt, run.state, run.budget
     first_step = state.step
     bar = tqdm(total=state.total_steps if state.planned else None, initial=state.step, unit="step",
                dynamic_ncols=True, disable=not rt.master)

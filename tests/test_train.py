@@ -22,7 +22,7 @@ from conftest import REPO
 from conftest import TOKENIZER_DIR as TOKENIZER
 from safetensors.torch import load_file
 
-from core import optim, schedule, train_config, trainer
+from core import checkpoint, optim, schedule, train_config, trainer
 from core.runtime import Runtime
 from dataset import SFTDataset, build_store, collate_batch
 from k_model import ModelConfig, Transformer
@@ -292,8 +292,8 @@ def test_resume_in_another_precision_starts_a_fresh_loss_scale(tmp_path, cache, 
     model = Transformer(ModelConfig(**cfg.model_config()))
     optimizer = optim.make_optimizer(model, cfg, torch.device("cpu"))
     fp16_scaler = torch.amp.GradScaler("cpu", enabled=True)
-    state = trainer.resume_state(cfg, Runtime(torch.device("cpu")), tmp_path / "run" / "ckpt-0000002", 100,
-                                 optimizer, fp16_scaler)
+    saved = checkpoint.load_train_state(tmp_path / "run" / "ckpt-0000002")
+    state = schedule.resume_state(cfg, Runtime(torch.device("cpu")), saved, 100, optimizer, fp16_scaler)
     assert state.step == 2 and state.total_steps == 4 and fp16_scaler.get_scale() == 65536.0
 
 
