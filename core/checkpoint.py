@@ -158,6 +158,16 @@ def latest_checkpoint(path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def is_chat_model(path) -> bool:
+    """Whether the newest checkpoint under path was trained on conversations (sft.py or dpo.py, with
+    LoRA or not), from the config its run saved; False when it saved none (a bare weights file)."""
+    ckpt = latest_checkpoint(path)
+    state = Path(ckpt) / "train_state.pt" if ckpt is not None else None
+    if state is None or not state.is_file():
+        return False
+    return torch.load(state, map_location="cpu", weights_only=True, mmap=True)["config"].get("kind") in ("sft", "dpo")
+
+
 def is_lora(ckpt) -> bool:
     """Whether a checkpoint dir holds LoRA adapters (and names its base) rather than a whole model."""
     return (Path(ckpt) / lora.ADAPTER_CONFIG).is_file()

@@ -5,9 +5,9 @@ resolved (preset, flags, the --init_from checkpoint, the tokenizer's vocabulary)
 
     cfg = parse_config(sys.argv[1:], description, defaults, embedded, lora_defaults)
 
-Precedence, lowest first: TrainConfig's defaults, the script's defaults (pretrain.py / sft.py, and
-sft.py's LoRA defaults with --lora_rank), the embedded-run defaults when --data_path is not given,
-the flags. Size fields left None are then
+Precedence, lowest first: TrainConfig's defaults, the script's defaults (pretrain.py / sft.py), the
+embedded-run defaults when --data_path is not given, sft.py's LoRA defaults with --lora_rank, the
+flags. Size fields left None are then
 filled from --preset, else the --init_from checkpoint, else the default preset.
 """
 
@@ -153,7 +153,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> TrainConfig:
     """Flags over the script's defaults, over the embedded-run defaults when --data_path is not
-    given. lora_defaults() -> the script's defaults when --lora_rank is given (sft.py's out/lora).
+    given. lora_defaults(flags given) -> the script's settings when --lora_rank is given (sft.py's).
     Model size fields left None are then filled from the preset or the init checkpoint."""
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                            argument_default=argparse.SUPPRESS)
@@ -169,9 +169,8 @@ def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> T
         parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), dest=f.name,
                             help=f"{f.metadata['help']} ({shown})", **kw)
     given = vars(parser.parse_args(argv))
-    if given.get("lora_rank") and lora_defaults:
-        defaults = {**defaults, **lora_defaults()}
-    cfg = TrainConfig(**{**defaults, **({} if "data_path" in given else embedded), **given})
+    lora_settings = lora_defaults(given) if given.get("lora_rank") and lora_defaults else {}
+    cfg = TrainConfig(**{**defaults, **({} if "data_path" in given else embedded), **lora_settings, **given})
     for name in ("batch_size", "accumulation_steps", "epochs", "eval_interval", "eval_batches",
                  "log_interval", "save_interval", "keep_checkpoints"):
         if getattr(cfg, name) < 1:

@@ -144,7 +144,7 @@ def test_sft_with_lora_trains_adapters_resumes_and_refuses_another_base(tmp_path
     base_dir = checkpoint.save_checkpoint(tmp_path / "pre", base, 10, tokenizer_dir=TOKENIZER)
     base_bytes = (base_dir / "model.safetensors").read_bytes()
     args = ["--data_path", belle_jsonl, "--init_from", "pre", "--cache_dir", tmp_path / "cache", "--lora_rank", 4,
-            "--eval_interval", 1000, "--val_fraction", 0.1, "--learning_rate", 3e-2]
+            "--lora_embeddings", "false", "--eval_interval", 1000, "--val_fraction", 0.1, "--learning_rate", 3e-2]
     result = run_sft(*args, "--max_steps", 6)
     assert result["after"]["val_loss"] < result["before"]["val_loss"] - 0.02
     ckpt = checkpoint.latest_checkpoint("out/lora")  # the default out_dir of a LoRA run
@@ -181,10 +181,14 @@ def test_lora_run_defaults_to_the_chat_model_and_out_lora(tmp_path, monkeypatch)
     def parsed(*argv):
         return parse_config(["--tokenizer_dir", str(TOKENIZER), *argv], sft.__doc__, defaults, sft.EMBEDDED,
                             sft.lora_defaults)
-    # no SFT model yet: the pretrained one
-    assert (parsed("--lora_rank", "8").init_from, parsed("--lora_rank", "8").out_dir) == (str(pretrained), "out/lora")
-    chat = checkpoint.save_checkpoint("out/sft", model, 20, tokenizer_dir=TOKENIZER)
-    assert parsed("--lora_rank", "8").init_from == str(chat)
-    assert parsed("--lora_rank", "8", "--init_from", "out/pretrain").init_from == str(pretrained)
+    # no SFT model yet: the pretrained one, whose chat-template tokens are untrained: the embedding trains too
+    first = parsed("--lora_rank", "8")
+    assert (first.init_from, first.out_dir, first.lora_embeddings) == (str(pretrained), "out/lora", True)
+    assert first.learning_rate == sft.LORA_LEARNING_RATE and parsed().learning_rate == sft.EMBEDDED["learning_rate"]
+    chat = checkpoint.save_checkpoint("out/sft", model, 20, {"config": {"kind": "sft"}}, tokenizer_dir=TOKENIZER)
+    assert (parsed("--lora_rank", "8").init_from, parsed("--lora_rank", "8").lora_embeddings) == (str(chat), False)
+    from_base = parsed("--lora_rank", "8", "--init_from", "out/pretrain")
+    assert (from_base.init_from, from_base.lora_embeddings) == (str(pretrained), True)
+    assert parsed("--lora_rank", "8", "--lora_embeddings", "false").lora_embeddings is False
     assert parsed("--lora_rank", "8", "--out_dir", "out/mine").out_dir == "out/mine"
     assert (parsed().init_from, parsed().out_dir) == (str(pretrained), "out/sft")  # full SFT: unchanged
