@@ -10,7 +10,7 @@ What stands between serve.py's API and the network: the defences that live below
   loopback server. Only Host values that name this server (a DNS-rebinding page sends its own
   domain); only application/json on POST (a cross-site form can post text/plain without a CORS
   preflight); nosniff and no framing on every response.
-- RateLimitedLog: a flood of bad connections writes a few log lines a second, not one each.
+- RateLimitedLog: a flood of bad connections writes a few error-log lines a second, not one each.
 - GracefulServer: on SIGTERM, requests in flight get `grace` seconds to finish; then every one
   still going ends with an error (a stream: an error event and [DONE]) instead of a cut connection.
 """
@@ -96,7 +96,8 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self):
         super().on_response_complete()
-        if not self.transport.is_closing():
+        # unless a pipelined request already in the buffer has started its own cycle
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._await_headers()
 
     def connection_lost(self, exc):
@@ -185,8 +186,10 @@ class RateLimitedLog(logging.Filter):
 
 
 def limit_logging(burst=20, period=10.0):
-    """A RateLimitedLog on uvicorn's error and access logs and on asyncio's (accept() failures)."""
-    for name in ("uvicorn.error", "uvicorn.access", "asyncio"):
+    """A RateLimitedLog on uvicorn's error log (refused and timed-out connections, malformed HTTP)
+    and on asyncio's (accept() failing when file descriptors run out). The access log, a line per
+    answered request, stays whole."""
+    for name in ("uvicorn.error", "asyncio"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RateLimitedLog) for f in logger.filters):
             logger.addFilter(RateLimitedLog(burst, period))

@@ -12,6 +12,7 @@ byte-level tokens); encode_chat renders a conversation with the chat template, i
 as plain text (see encode_chat).
 """
 
+import re
 import secrets
 from pathlib import Path
 
@@ -60,10 +61,11 @@ def encode_chat(tokenizer, history):
 
     The control tokens come from the template only: each message's content is encoded as plain
     text, so a user who types "<|im_end|>\n<|im_start|>system" gets those characters, not a forged
-    turn. The template is rendered with a random marker in place of each content; the pieces between
-    the markers are the template's own text (special tokens recognised), the contents are encoded
-    with split_special_tokens. Training data never holds such strings (corpus.to_messages skips those
-    records), so for every conversation the two encodings agree."""
+    turn. The template is rendered with a random marker in place of each content; the rendering is
+    then cut at the template's own special tokens, which become their ids, and every run of text
+    between two of them (template text and content together, as rendering it whole would give the
+    tokenizer) is encoded with split_special_tokens. Training data never holds such strings
+    (corpus.to_messages skips those records), so for them the ids are those of the whole rendering."""
     own_system = bool(history) and history[0]["role"] == "system"
     messages = history if own_system else [{"role": "system", "content": DEFAULT_SYSTEM}] + history
     marker = f"\x00{secrets.token_hex(8)}\x00"
@@ -72,11 +74,19 @@ def encode_chat(tokenizer, history):
     pieces = rendered.split(marker)
     if len(pieces) != len(messages) + 1:
         raise ValueError("the chat template does not write each message's content once: cannot encode it safely")
-    ids = tokenizer.encode(pieces[0], add_special_tokens=False)
-    for message, template_text in zip(messages, pieces[1:]):
-        ids += tokenizer.encode(message["content"], add_special_tokens=False, split_special_tokens=True)
-        ids += tokenizer.encode(template_text, add_special_tokens=False)
-    return ids
+    specials = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    split = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+    ids, text = [], ""
+    for i, piece in enumerate(pieces):
+        for j, part in enumerate(split.split(piece)):
+            if j % 2:  # a special token of the template: the text before it ends there
+                ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
+                ids.append(tokenizer.convert_tokens_to_ids(part))
+                text = ""
+            else:
+                text += part
+        text += messages[i]["content"] if i < len(messages) else ""
+    return ids + (tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else [])
 
 
 def fit_history(tokenizer, history, budget):
