@@ -217,8 +217,10 @@ def main(argv=None):
     eval_loss = trainer.evaluate()["eval_loss"]
     print(f"validation loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.1f}")
 
-    model.save_pretrained(args.out_dir)
-    tokenizer.save_pretrained(args.out_dir)
+    # model and tokenizer, written by the main process only (under torchrun every rank gets here)
+    trainer.save_model(args.out_dir)
+    if not trainer.is_world_process_zero():
+        return Path(args.out_dir)  # the samples below are the main process's to print and log
     print(f"saved model and tokenizer to {args.out_dir}")
 
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)

@@ -219,8 +219,10 @@ def main(argv=None):
     trainer.train()
     print(f"validation loss on the replies {trainer.evaluate()['eval_loss']:.4f}")
 
-    model.save_pretrained(args.out_dir)
-    tokenizer.save_pretrained(args.out_dir)
+    # model and tokenizer, written by the main process only (under torchrun every rank gets here)
+    trainer.save_model(args.out_dir)
+    if not trainer.is_world_process_zero():
+        return Path(args.out_dir)  # the samples below are the main process's to print and log
     print(f"saved model and tokenizer to {args.out_dir}")
 
     model.eval()
