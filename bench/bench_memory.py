@@ -17,9 +17,10 @@ What a process holds in a step of pretrain.py (bf16 autocast, fp32 master weight
     block and for the rest of the model at two lengths: bytes per token. With activation
     checkpointing a block keeps only its input, and one block's full activations exist again while
     it is recomputed.
-The sum is an upper bound of the peak (gradients grow as activations are freed in the backward
-pass). The check trains the small presets for two steps on this CPU, each in a fresh process, and
-compares the growth of its peak RSS with the same sum.
+The sum leaves out the temporaries of a step (the gradient of the logits, the loss's fp32 copies,
+the kernels' workspaces, the allocator's slack) and counts the gradients as if they all lived beside
+all the activations. The check trains the small presets for two steps on this CPU, each in a fresh
+process, and compares the growth of its peak RSS with the same sum.
 """
 
 import argparse
@@ -113,8 +114,8 @@ def estimate(shape, acts: Activations, processes, batch, seq, casts=True) -> dic
     states = 16 * params  # weights + gradients + AdamW moments, fp32
     ddp = states + 2 * params * casts
     fsdp = states / processes + 2 * (2 * block) + 4 * block + 2 * embedding
-    return dict(params=params, ddp=(ddp + full) / GIB, fsdp=(fsdp + full) / GIB, fsdp_ac=(fsdp + checkpointed) / GIB,
-                ddp_states=ddp / GIB, fsdp_states=fsdp / GIB, activations=full / GIB, activations_ac=checkpointed / GIB)
+    return dict(params=params, ddp=(ddp + full) / GIB, ddp_ac=(ddp + checkpointed) / GIB, fsdp=(fsdp + full) / GIB,
+                fsdp_ac=(fsdp + checkpointed) / GIB, activations=full / GIB, activations_ac=checkpointed / GIB)
 
 # -----------------------------------------------------------------------------
 # the check: real steps on this CPU, one fresh process each
@@ -136,7 +137,9 @@ def child(preset, batch, seq, checkpointing):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process's own high-water mark (getrusage's ru_maxrss keeps the parent's across exec)
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"grown": peak - before}))
 
 
@@ -146,13 +149,14 @@ def check(batch, seq):
     for preset in CHECKED:
         shape = {k: v for k, v in PRESETS[preset].items() if k != "model_type"}
         acts = measure_activations({**shape, "max_seq_len": seq}, amp_dtype())
-        predicted = estimate({**shape, "max_seq_len": seq}, acts, 1, batch, seq, casts=amp_dtype() != torch.float32)
+        casts = amp_dtype() != torch.float32
+        predicted = estimate({**shape, "max_seq_len": seq}, acts, 1, batch, seq, casts=casts)
         for checkpointing in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--child", preset, str(batch), str(seq), str(checkpointing)],
-                                 capture_output=True, text=True, check=True).stdout
+            command = [sys.executable, __file__, "--child", preset, str(batch), str(seq), str(checkpointing)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             grown = json.loads(out.strip().splitlines()[-1])["grown"] / GIB
-            guess = predicted["ddp_states"] + (predicted["activations_ac"] if checkpointing else predicted["activations"])
-            rows.append((preset, predicted["params"], checkpointing, guess, grown))
+            computed = predicted["ddp_ac" if checkpointing else "ddp"]
+            rows.append((preset, predicted["params"], checkpointing, computed, grown))
     return rows
 
 
@@ -171,14 +175,15 @@ def main():
 
     print(f"machine: {describe_machine()}; activations measured with {amp_dtype()} autocast")
     print(f"\nper process, micro-batch {args.batch_size} x {args.seq} tokens, FSDP over {args.processes} "
-          f"processes, bf16 autocast, AdamW (GiB; the sum of the parts, an upper bound of the peak)\n")
-    print("| model | parameters | DDP | FSDP | FSDP + activation checkpointing | of which activations (full / checkpointed) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          f"processes, bf16 autocast, AdamW (GiB; the sum of the parts, temporaries not counted)\n")
+    print("| model | parameters | DDP | DDP + activation checkpointing | FSDP | FSDP + activation checkpointing | "
+          "of which activations (full / checkpointed) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, shape in MODELS.items():
         acts = measure_activations(shape, torch.bfloat16)
         e = estimate(shape, acts, args.processes, args.batch_size, args.seq)
-        print(f"| {name} | {e['params'] / 1e6:,.0f}M | {e['ddp']:.1f} | {e['fsdp']:.1f} | {e['fsdp_ac']:.1f} | "
-              f"{e['activations']:.1f} / {e['activations_ac']:.2f} |")
+        print(f"| {name} | {e['params'] / 1e6:,.0f}M | {e['ddp']:.1f} | {e['ddp_ac']:.1f} | {e['fsdp']:.1f} | "
+              f"{e['fsdp_ac']:.1f} | {e['activations']:.1f} / {e['activations_ac']:.2f} |")
     if args.no_check:
         return
     print(f"\nthe check: two AdamW steps on this CPU, micro-batch {args.check_batch} x {args.seq}, one process "
