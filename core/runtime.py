@@ -182,7 +182,12 @@ def wrap_model(model, rt, amp_dtype, compile_model):
         model = torch.compile(model)
     if rt.ddp:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside
-        # them, which saves a copy of every gradient (4 bytes per parameter)
+        # them, which saves a copy of every gradient (4 bytes per parameter). DDP turns gradients that
+        # exist when it wraps the model into views of its buckets; train_step then zeroes them in place
+        # instead of freeing them, so the micro-batches of an accumulated step add into the buckets too
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
         return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                    gradient_as_bucket_view=True)
     if rt.dp_ids:

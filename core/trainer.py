@@ -118,7 +118,7 @@ def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp, units=
         return step_loss, n_real, grad_norm
     scaler.step(optimizer)  # skips the update if fp16 gradients overflowed
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not rt.ddp)  # under DDP the gradients are views of its buckets: keep them
     return step_loss, n_real, grad_norm
 
 
@@ -246,7 +246,8 @@ def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
     if rt.ddp:  # the same flags and data everywhere; paths may differ between nodes, their contents may not
         config = {k: v for k, v in asdict(cfg).items() if k not in PATH_FIELDS}
         check_same_on_every_rank(rt, {**config, "train samples": len(train_ds), "validation samples": len(val_ds),
-                                      "first sample": sample_digest(train_ds[0]) if len(train_ds) else None})
+                                      "first sample": sample_digest(train_ds[0]) if len(train_ds) else None,
+                                      "resumed checkpoint": resume_from.name if resume_from else None})
     torch.manual_seed(cfg.seed + rt.rank)  # from here on, each rank its own stream (dropout)
     random.seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
