@@ -54,7 +54,7 @@ from tokenizers import Tokenizer, processors
 
 from core import corpus, locks
 
-STORE_VERSION = 1  # bump when the store layout or the encoding changes: old caches are rebuilt
+STORE_VERSION = 2  # bump when the store layout or the encoding changes: old caches are rebuilt
 BATCH_RECORDS = 2048  # records tokenised per encode_batch call: enough work for every core
 PAD_ID = 0  # <unk>, which the byte-level tokenizer never produces from text
 # Batches of varying length are padded to a multiple of this many tokens. Each new input shape costs
@@ -234,14 +234,13 @@ def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore
     fingerprint = _fingerprint(path, tokenizer_path, kind)
     key = hashlib.sha1(fingerprint["source"].encode()).hexdigest()[:10]
     out = Path(cache_dir) / f"{path.stem}-{kind}-{key}"
-    if _is_built(out, fingerprint):
-        return TokenStore(out)
     # one build at a time per cache folder: two processes (two runs, or the nodes of one job on a
-    # shared disk) that both find no store wait here, and the second one then finds the first one's
+    # shared disk) that both find no store wait here, and the second one then finds the first one's.
+    # The store is opened (memory-mapped) under the lock too, so no rebuild can swap it mid-open.
     with locks.FileLock(Path(cache_dir) / ".build.lock"):
         if not _is_built(out, fingerprint):
             _build(path, tokenizer_path, tokenizer_dir, kind, fingerprint, out)
-    return TokenStore(out)
+        return TokenStore(out)
 
 
 def _is_built(out, fingerprint) -> bool:

@@ -110,6 +110,7 @@ def test_a_second_run_on_a_live_out_dir_is_refused(tmp_path, cache, pretrain_jso
 def test_two_builds_of_one_store_at_once_tokenise_once(tmp_path, pretrain_jsonl, capsys):
     tokenizer_dir = REPO / "tokenizer_k"
     first = dataset.build_store(pretrain_jsonl, tokenizer_dir, "pretrain", tmp_path / "warm")  # where the store goes
+    capsys.readouterr()
     held = locks.FileLock(tmp_path / "cache" / ".build.lock")  # another process is building it
     second = {}
     waiting = threading.Thread(target=lambda: second.update(store=dataset.build_store(
@@ -118,7 +119,6 @@ def test_two_builds_of_one_store_at_once_tokenise_once(tmp_path, pretrain_jsonl,
     waiting.join(timeout=1.0)
     assert waiting.is_alive()  # it waits for the build in progress
     shutil.copytree(first.dir, tmp_path / "cache" / first.dir.name)  # that build ends
-    capsys.readouterr()
     held.close()
     waiting.join(timeout=60)
     assert len(second["store"]) == len(first) and "tokenising" not in capsys.readouterr().err
