@@ -222,6 +222,7 @@ def main(argv=None):
     # model and tokenizer, written by the main process only (under torchrun every rank gets here)
     trainer.save_model(args.out_dir)
     if not trainer.is_world_process_zero():
+        swanlab.finish()
         return Path(args.out_dir)  # the samples below are the main process's to print and log
     print(f"saved model and tokenizer to {args.out_dir}")
 

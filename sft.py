@@ -1,10 +1,10 @@
 """
 监督微调（SFT）：ChatML 对话，只在助手回复上计算损失（掩码在 dataset.py 的 SFTDataset 里构造）。
 阅读顺序：DEFAULTS / EMBEDDED（内置情感任务与对话）-> lora_defaults（--lora_rank）-> 训练循环同 pretrain.py。
-可以动手试：--replay 0 看 SFT 对新闻 BPC 的影响（默认 0.2）；--lora_rank 8 --lora_embeddings 对比全参数微调。
+可以动手试：--replay 0 看 SFT 对新闻 BPC 的影响（默认 0.2）；--lora_rank 8 --init_from out/pretrain 对比全参数微调。
 
 Read in this order: DEFAULTS / EMBEDDED -> lora_defaults -> the loop, as for pretrain.py.
-Try: --replay 0 (the default is 0.2) and watch the news BPC after SFT; --lora_rank 8 --lora_embeddings against full SFT.
+Try: --replay 0 (the default is 0.2) and watch the news BPC after SFT; --lora_rank 8 --init_from out/pretrain against full SFT.
 
 Supervised fine-tuning: ChatML conversations, with the loss on the assistant replies only
 (core/trainer.py holds the loop; dataset.SFTDataset builds the loss mask).

@@ -95,8 +95,9 @@ class TrainConfig:
     seed: int = arg(42, "seed of the initial weights and the data order")
     # LoRA (lora.py) and DPO (dpo.py)
     lora_rank: int = arg(0, "LoRA: freeze the --init_from model and train rank-r adapters W + (alpha/r)*B*A "
-                            "instead (sft.py then defaults to --init_from out/sft, else out/pretrain, and --out_dir "
-                            "out/lora); 0: off, every weight trains")
+                            "instead (sft.py then defaults to --init_from out/sft, else out/pretrain, --out_dir out/lora, "
+                            "--learning_rate 2e-3, and --lora_embeddings when the base has not been through SFT); "
+                            "0: off, every weight trains")
     lora_alpha: float = arg(16.0, "LoRA: the adapters' scale alpha (the update is multiplied by alpha/rank)")
     lora_targets: str = arg("wq,wk,wv,wo,w1,w2,w3", "LoRA: comma-separated linear layers to adapt (attention "
                                                     "wq,wk,wv,wo; SwiGLU w1,w2,w3)")
