@@ -7,7 +7,8 @@ listed GPU; the script also runs unchanged under any `torchrun` launch (RANK, LO
 WORLD_SIZE), multi-node included. Each rank reads its own shard of every global batch
 (core/loaders.py's EpochSampler); only rank 0 logs and writes. A failing rank exits with its error and
 torchrun's agent stops the others. `--parallel dp` uses nn.DataParallel in one process instead,
-as happy-llm does.
+as happy-llm does. A CUDA out-of-memory error in a single process's first step is retried with half
+the micro-batch and twice the accumulation (out_of_memory).
 """
 
 import hashlib
@@ -193,6 +194,21 @@ def wrap_model(model, rt, amp_dtype, compile_model):
     if rt.dp_ids:
         return nn.DataParallel(AutocastReplica(model, rt.device.type, amp_dtype), device_ids=rt.dp_ids)
     return model
+
+
+def out_of_memory(cfg, rt, state, first_step):
+    """After a CUDA out-of-memory error in the first step of a single-process run: halve the
+    micro-batch and double the accumulation (the same global batch, the same result) for a retry.
+    Later, or under DDP (the ranks would have to agree), exit in one line naming the fix."""
+    fix = (f"lower --batch_size and raise --accumulation_steps to keep the global batch (e.g. --batch_size "
+           f"{max(1, cfg.batch_size // 2)} --accumulation_steps {cfg.accumulation_steps * 2}), or lower --max_seq_len")
+    if state.step != first_step or rt.ddp or cfg.batch_size == 1:
+        raise SystemExit(f"step {state.step + 1}: CUDA out of memory with micro-batches of --batch_size "
+                         f"{cfg.batch_size} x {cfg.max_seq_len} tokens: {fix}")
+    torch.cuda.empty_cache()
+    cfg.batch_size, cfg.accumulation_steps = cfg.batch_size // 2, cfg.accumulation_steps * 2
+    print(f"out of memory at the first step: retrying with --batch_size {cfg.batch_size} --accumulation_steps "
+          f"{cfg.accumulation_steps} (the same global batch)", flush=True)
 
 
 @contextmanager

@@ -54,6 +54,13 @@ class RunState:
         return lr_at(self.step, cfg.learning_rate, cfg.warmup_iters, self.total_steps,
                      self.decay_start, self.decay_from, cfg.final_lr_frac)
 
+    def replan(self, cfg, total):
+        """Make `total` the last step: the cosine goes on from the current learning rate down to its
+        floor there (during warmup the new length changes nothing yet)."""
+        if self.step >= cfg.warmup_iters:
+            self.decay_start, self.decay_from = self.step, self.lr(cfg)
+        self.total_steps = total
+
 
 class TimeBudget:
     """--time_limit: seconds for the whole run, tokenising, compilation, evaluations and checkpoints
@@ -150,9 +157,8 @@ def resume_state(cfg, rt, saved, steps_per_epoch, optimizer, scaler, say=print) 
         raise SystemExit(f"--resume with {', '.join(changed)}: the run in {cfg.out_dir} is already at step {state.step} "
                          f"of {steps_per_epoch} per epoch; ask for more steps than {state.step}")
     lr_now = state.lr(cfg)
-    if state.step >= cfg.warmup_iters:  # during warmup the new length changes nothing yet
-        state.decay_start, state.decay_from = state.step, lr_now
-    state.total_steps, state.planned = total, not cfg.time_limit
+    state.replan(cfg, total)
+    state.planned = not cfg.time_limit
     end = f"step {total}" if state.planned else f"the step --time_limit {cfg.time_limit:.0f}s plans (at most {total})"
     say(f"resume with {', '.join(changed)}: re-planned from step {state.step} to {end}; the learning rate "
         f"goes on from {lr_now:.3g} and decays by a cosine to {cfg.learning_rate * cfg.final_lr_frac:.3g} at the last step")

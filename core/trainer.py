@@ -51,8 +51,8 @@ from tqdm import tqdm
 from core import checkpoint
 from core.loaders import eval_loader, load_datasets, train_loader
 from core.optim import make_optimizer
-from core.runtime import (Runtime, all_reduce, autocast, autocast_dtype, check_same_on_every_rank, relaunch_for_gpus,
-                          setup_runtime, wrap_model)
+from core.runtime import (Runtime, all_reduce, autocast, autocast_dtype, check_same_on_every_rank, out_of_memory,
+                          relaunch_for_gpus, setup_runtime, wrap_model)
 from core.schedule import RunState, TimeBudget, keep_global_batch, resume_state
 from core.tracking import Tracker
 from core.train_config import TrainConfig, parse_config
@@ -172,20 +172,6 @@ def say(rt, message):
         tqdm.write(message)
         sys.stdout.flush()
 
-
-def out_of_memory(cfg, rt, state, first_step):
-    """After a CUDA out-of-memory error in the first step of a single-process run: halve the
-    micro-batch and double the accumulation (the same global batch, the same result) for a retry.
-    Later, or under DDP (the ranks would have to agree), exit in one line naming the fix."""
-    fix = (f"lower --batch_size and raise --accumulation_steps to keep the global batch (e.g. --batch_size "
-           f"{max(1, cfg.batch_size // 2)} --accumulation_steps {cfg.accumulation_steps * 2}), or lower --max_seq_len")
-    if state.step != first_step or rt.ddp or cfg.batch_size == 1:
-        raise SystemExit(f"step {state.step + 1}: CUDA out of memory with micro-batches of --batch_size "
-                         f"{cfg.batch_size} x {cfg.max_seq_len} tokens: {fix}")
-    torch.cuda.empty_cache()
-    cfg.batch_size, cfg.accumulation_steps = cfg.batch_size // 2, cfg.accumulation_steps * 2
-    print(f"out of memory at the first step: retrying with --batch_size {cfg.batch_size} --accumulation_steps "
-          f"{cfg.accumulation_steps} (the same global batch)", flush=True)
 
 # -----------------------------------------------------------------------------
 # the run
@@ -319,6 +305,21 @@ def save(run):
                                    keep=run.cfg.keep_checkpoints)
 
 
+def replan_steps(run, bar):
+    """--time_limit, at each evaluation after the plan: the plan came from the first steps and the
+    first evaluation, which pay one-off costs (kernels for new shapes, generation warming up). With
+    the costs measured since, lengthen the run to what now fits (never shorten it: stop_now keeps
+    the deadline)."""
+    cfg, state = run.cfg, run.state
+    cap = cfg.max_steps or cfg.epochs * (len(run.train_ds) // run.global_batch)
+    total = int(all_reduce([run.budget.plan(state.step, cap)], run.rt, dist.ReduceOp.MIN).item())
+    if total > state.total_steps:
+        state.replan(cfg, total)
+        bar.total = total
+        say(run.rt, f"time limit, re-planned at step {state.step}: {run.budget.per_step():.3f}s per step, "
+                    f"{run.budget.eval_seconds:.1f}s per evaluation: {total} steps")
+
+
 def plan_steps(run, bar):
     """--time_limit, once: time a checkpoint save (it is the run's first), then fix the number of steps."""
     started = time.time()
@@ -396,6 +397,8 @@ def run_loop(run: Run) -> dict:
             logged = log_steps(run, logged, lr, grad_norm, bar)
         if state.step % cfg.eval_interval == 0 and not last_step:
             latest = validate(run, "validation")
+            if budget and state.planned and cfg.fit_schedule:
+                replan_steps(run, bar)
         if state.step % cfg.save_interval == 0 and not last_step:
             save(run)
 

@@ -327,11 +327,46 @@ def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache, pretrain
     assert set(bar_totals(done.stderr)) == {total}
 
 
+def final_plan(stdout) -> int:
+    """The number of steps a time-limited run planned last (its plan, or its last re-plan)."""
+    return int(re.findall(r"(?:-> |per evaluation: )(\d+) steps", stdout)[-1])
+
+
+def test_replan_continues_the_cosine_from_the_current_rate_to_the_new_end():
+    cfg = train_config.TrainConfig(learning_rate=1e-3, warmup_iters=10, final_lr_frac=0.1)
+    state = schedule.RunState(step=50, total_steps=100)
+    before = state.lr(cfg)
+    state.replan(cfg, 150)
+    assert state.lr(cfg) == pytest.approx(before) and state.total_steps == 150  # no jump where it is re-planned
+    state.step = 100
+    assert 1e-4 < state.lr(cfg) < before  # the old end: still decaying
+    state.step = 150
+    assert state.lr(cfg) == pytest.approx(1e-4)  # the floor at the new end
+    warming = schedule.RunState(step=5, total_steps=100)
+    warming.replan(cfg, 200)
+    assert warming.decay_start is None and warming.lr(cfg) == pytest.approx(5e-4)  # warmup goes on as it was
+
+
+def test_time_limited_run_replans_at_evaluations_and_still_ends_in_time(tmp_path, cache, pretrain_jsonl):
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, "--epochs", 1000, "--time_limit", 12,
+                  "--eval_interval", 4, "--save_interval", 10_000, "--out_dir", "timed", cwd=tmp_path, cache=cache)
+    lrs = records(tmp_path / "timed", "lr")
+    last = max(lrs)
+    state = torch.load(tmp_path / "timed" / f"ckpt-{last:07d}" / "train_state.pt", weights_only=True)
+    planned = int(re.search(r"-> (\d+) steps", done.stdout).group(1))
+    replans = [int(n) for n in re.findall(r"re-planned at step \d+: .* (\d+) steps", done.stdout)]
+    assert replans == sorted(replans) and all(n > planned for n in replans)  # each one only lengthens the run
+    assert state["total_steps"] == (replans[-1] if replans else planned)
+    # the learning rate never rises after warmup (none here): a re-plan continues the cosine
+    assert all(lrs[step + 1] <= lrs[step] * (1 + 1e-9) for step in range(1, last))
+    assert float(re.search(r"done: .* in (\d+)s", done.stdout).group(1)) <= 12
+
+
 def test_compiled_run_counts_compilation_as_warmup(tmp_path, cache, pretrain_jsonl):
     done = script("pretrain.py", "--data_path", pretrain_jsonl, "--epochs", 1000, "--time_limit", 45, "--compile",
                   "--save_interval", 10_000, "--out_dir", "compiled", cwd=tmp_path, cache=cache, timeout=240)
     assert "compile True" in done.stdout
-    planned = int(re.search(r"-> (\d+) steps", done.stdout).group(1))
+    planned = final_plan(done.stdout)
     assert planned > 20  # compiling the first step (~10-30 s here) did not count as a step time
     # it runs its plan, or the deadline guard stops it early and says so: steps of a few ms vary by
     # more than the 10% margin (how much depends on the machine), and the guard keeps the limit
