@@ -237,14 +237,7 @@ def build_store(path, tokenizer_dir, kind, cache_dir="data/cache") -> TokenStore
     # one build at a time per cache folder: two processes (two runs, or the nodes of one job on a
     # shared disk) that both find no store wait here, and the second one then finds the first one's.
     # The store is opened (memory-mapped) under the lock too, so no rebuild can swap it mid-open.
-    lock_path = Path(cache_dir) / ".build.lock"
-    try:
-        lock = locks.FileLock(lock_path, wait=False)
-    except locks.Busy as e:
-        print(f"{lock_path}: another process is building a token store ({e}); waiting for it", file=sys.stderr,
-              flush=True)
-        lock = locks.FileLock(lock_path)
-    with lock:
+    with locks.FileLock(Path(cache_dir) / ".build.lock"):
         if not _is_built(out, fingerprint):
             _build(path, tokenizer_path, tokenizer_dir, kind, fingerprint, out)
         return TokenStore(out)

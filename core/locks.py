@@ -29,7 +29,8 @@ class Busy(Exception):
 
 class FileLock:
     """Lock `path` (created if missing) for this process from construction until close() or the end
-    of a with-statement; wait=False raises Busy instead of waiting for another holder."""
+    of a with-statement; wait=False raises Busy instead of waiting for another holder, and a wait
+    says whom it waits for."""
 
     def __init__(self, path, wait=True):
         path = Path(path)
@@ -50,11 +51,15 @@ class FileLock:
         if fcntl is None:
             return
         try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip()
-            raise Busy(f"held by process {holder}" if holder else "held by another process") from None
+            busy = f"held by process {holder}" if holder else "held by another process"
+            if not wait:
+                raise Busy(busy) from None
+            print(f"{self.file.name}: {busy}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
         except OSError as e:
             if e.errno not in NO_FLOCK:
                 raise

@@ -118,7 +118,7 @@ def test_two_builds_of_one_store_at_once_tokenise_once(tmp_path, pretrain_jsonl,
     waiting.start()
     waiting.join(timeout=1.0)
     assert waiting.is_alive()  # it waits for the build in progress, and says so
-    assert f"held by process {os.getpid()}); waiting for it" in capsys.readouterr().err
+    assert f".build.lock: held by process {os.getpid()}; waiting for it" in capsys.readouterr().err
     shutil.copytree(first.dir, tmp_path / "cache" / first.dir.name)  # that build ends
     held.close()
     waiting.join(timeout=60)
