@@ -21,7 +21,8 @@ from collections import deque
 
 import torch
 
-from core.generation import Decoder, Sampling
+from core.generation import Decoder
+from core.sampling import Sampling
 from core.inference import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -98,14 +99,15 @@ class Draining(Exception):
 
 
 class Scheduler:
-    def __init__(self, model, max_batch=32, max_queue=64, captured=None):
-        """captured: replay the decoding step as a CUDA graph over a static cache (default: on CUDA)."""
+    def __init__(self, model, max_batch=32, max_queue=64, captured=None, compile_step=None):
+        """captured: replay the decoding step as a CUDA graph over a static cache (default: on CUDA);
+        compile_step: compile it first (default: where captured), as generation.decode does."""
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = model.config.max_seq_len
         with torch.inference_mode():
             # one captured step per batch size 1, 2, 4, ... max_batch, each over the first rows
             sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
-            self.decoder = Decoder(model, max_batch, captured, step_sizes=sizes)
+            self.decoder = Decoder(model, max_batch, captured, compile_step, step_sizes=sizes)
         self.device = self.decoder.device
         self.slots = [None] * max_batch  # the Generation decoded in each cache row
         self.waiting = deque()
@@ -169,13 +171,26 @@ class Scheduler:
                         self.n_busy += 1
                         joining.append(b)
             try:
-                self.decoder.fill(joining, [self.slots[b].prompt for b in joining])
+                self._join(joining)
                 self._step()
             except Exception:  # the server lives on: fail what was in flight, log the cause here only
                 traceback.print_exc()
                 for b, g in enumerate(self.slots):
                     if g is not None:
                         self._free(b, "error")
+
+    def _join(self, rows):
+        """Give each joining row its request's sampling settings (a request whose settings cannot be
+        used fails alone, as "sampling"), then prefill the prompts of the others."""
+        ready = []
+        for b in rows:
+            try:
+                self.decoder.configure([b], self.slots[b].sampling)
+                ready.append(b)
+            except Exception as e:
+                print(f"scheduler: sampling failed for row {b}: {e!r}", file=sys.stderr)
+                self.slots[b].failure = "sampling"
+        self.decoder.fill(ready, [self.slots[b].prompt for b in ready])
 
     def _free(self, b, reason):
         g = self.slots[b]
@@ -192,21 +207,12 @@ class Scheduler:
         busy = [(b, g) for b, g in enumerate(self.slots) if g is not None]
         if not busy:
             return
-        # greedy rows by one argmax, the others row by row with their own settings and generator; a
-        # row whose drawing fails fails its own request only
-        greedy = [b for b, g in busy if g.sampling.greedy]
-        groups = [(greedy, Sampling(temperature=0))] * bool(greedy) + [
-            ([b], g.sampling) for b, g in busy if not g.sampling.greedy]
-        failed = set()
-
-        def sampling_failed(rows, error):
-            print(f"scheduler: sampling failed for row(s) {rows}: {error!r}", file=sys.stderr)
-            failed.update(rows)
-        tokens = self.decoder.sample(groups, on_error=sampling_failed)
+        # one batched draw for all rows, each with its own settings and generator (Decoder.sample),
+        # then one read of the tokens: each request's text needs them on the host
+        tokens = self.decoder.sample()
         for (b, g), token in zip(busy, tokens[[b for b, _ in busy]].tolist()):
-            reason = "sampling" if b in failed else g.accept(token)
+            reason = g.accept(token)
             if reason:
                 self._free(b, reason)
-        going = [b for b, _ in busy if self.slots[b] is not None]
-        if going:
-            self.decoder.step(tokens, going)
+        if any(g is not None for g in self.slots):
+            self.decoder.step(tokens)

@@ -1,13 +1,13 @@
 """
-解码：KV 缓存、采样（温度、top-k、top-p、重复惩罚）与逐 token 生成循环，两种模型共用。
-阅读顺序：KVCache（每行一条序列，token 的槽位就是它的位置）-> sample_next -> prefill / decode_step ->
+解码：KV 缓存与逐 token 生成循环，两种模型共用；采样（温度、top-k、top-p、重复惩罚）在 core/sampling.py。
+阅读顺序：KVCache（每行一条序列，token 的槽位就是它的位置）-> prefill / decode_step ->
 Decoder（生成与服务共用的唯一解码循环）-> decode。
 可以动手试：比较 temperature=0（贪心）与 0.7 的输出；把 repetition_penalty 设为 1.0 看重复。
 
-Read in this order: KVCache -> sample_next -> prefill / decode_step -> Decoder -> decode. Try: greedy
-(temperature 0) against 0.7; repetition_penalty 1.0 and watch the repeats.
+Read in this order: KVCache -> prefill / decode_step -> Decoder -> decode (the samplers are in
+core/sampling.py). Try: greedy (temperature 0) against 0.7; repetition_penalty 1.0 and watch the repeats.
 
-Decoding, shared by both models: the KV cache, the samplers and the one decoding loop (Decoder:
+Decoding, shared by both models: the KV cache and the one decoding loop (Decoder:
 the rows of one KV cache, each decoding its own sequence), which generate/stream and the serving
 engine (core/engine.py) both run. k_model.py and gpt2_model.py hold only the networks;
 CausalLM.generate and .stream call here.
@@ -30,11 +30,17 @@ row's slots, and no real query ever sees a padding slot, which the next real tok
 """
 
 import copy
+import threading
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+
+# the samplers are generation's public API too (check_sampling, sample_next: scripts and tests call them here)
+from core.sampling import (MIN_TEMPERATURE, Sampling, apply_repetition_penalty, check_sampling, draw,  # noqa: F401
+                           exponential_noise, sample_next)
 
 
 class KVCache:
@@ -44,7 +50,9 @@ class KVCache:
     calls `begin` once (positions and mask of the new tokens), `update` in every layer (write them,
     read all slots that may be attended to); the caller then calls `advance` with the number of
     real new tokens of each row. static=True always reads all max_len slots: the shapes and the
-    work of every step are then fixed, with no read of `lengths` back to the host.
+    work of every step are then fixed, with no read of `lengths` back to the host. Otherwise a
+    forward reads the slots up to the longest row's: `longest`, where the caller keeps it on the
+    host, saves reading it back from the device.
     """
 
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, device, dtype, static=False):
@@ -54,6 +62,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.static = static
         self.span = max_len  # slots read by the current forward, set by begin()
+        self.longest = None  # the longest row's length if the caller keeps it on the host (Decoder does)
 
     @property
     def max_len(self):
@@ -69,7 +78,11 @@ class KVCache:
         """Positions [B, T] of T new tokens per row and the attention mask [B, 1, T, span]."""
         device = self.lengths.device
         positions = self.lengths[:, None] + torch.arange(T, device=device)
-        self.span = self.max_len if self.static else min(self.max_len, int(self.lengths.max()) + T)
+        if self.static:
+            self.span = self.max_len
+        else:  # the longest row as the caller knows it on the host, else read from the device (a sync)
+            longest = int(self.lengths.max()) if self.longest is None else self.longest
+            self.span = min(self.max_len, longest + T)
         mask = torch.arange(self.span, device=device) <= positions[:, None, :, None]
         # a row never holds more than max_len tokens (callers keep lengths + real tokens <= max_len);
         # clamping keeps the table lookups of padding and of finished rows in range
@@ -80,75 +93,38 @@ class KVCache:
         a query may attend to, [B, H_kv, span, hd]."""
         B, H, T, hd = k.shape
         slots = (self.lengths[:, None] + torch.arange(T, device=k.device)).clamp(max=self.max_len - 1)
-        index = slots[:, None, :, None].expand(B, H, T, hd)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
+        # advanced indexing: cache[b, :, slots[b, t]] = new[b, :, t], one index_put per tensor
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.k[layer][rows, :, slots] = k.transpose(1, 2)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2)
         return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
 
     def advance(self, n):
         self.lengths += n
 
 # -----------------------------------------------------------------------------
-# sampling
-
-
-# Below this temperature sampling is greedy: dividing the logits by less overflows float32 into
-# infinities that tie (or, against each other, make NaN) instead of sharpening the distribution.
-MIN_TEMPERATURE = 1e-4
-
-
-def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
-    """Refuse settings that mean nothing, in one line; top_k of None or <= 0 means no top-k, as in
-    transformers."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy decoding)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 keeps every token; use temperature=0 for greedy)")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty}: must be > 0 (1 is no penalty)")
-
-
-def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL's penalty on every token already in the sequence: positive logits are divided by it,
-    negative ones multiplied, so a seen token always becomes less likely."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Draw one token per row of logits [B, V]. A temperature under MIN_TEMPERATURE is greedy (argmax).
-    Whatever the settings, every row keeps at least its most likely token, and the probabilities
-    are finite: an extreme value (a repetition penalty of 1e-40) cannot make NaNs."""
-    if temperature < MIN_TEMPERATURE:
-        return logits.argmax(-1)
-    logits = torch.nan_to_num(logits.float() / temperature)  # +-inf -> the largest finite floats
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # nucleus: keep the smallest set of most likely tokens whose probability reaches top_p
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs >= top_p
-        outside[:, 0] = False  # the best token always stays (a top_p of 1e-300 rounds to 0 in float32)
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-
-# -----------------------------------------------------------------------------
 # prefill and one decoding step
 
 
-def prefill(model, cache, prompts):
-    """Run prompts (lists of ids, each fitting in the cache after its row's tokens) through the model
-    on top of the cache, right-padded to one batch; returns the logits [B, V] after each prompt's
-    last token. The cache rows advance by each prompt's own length."""
-    lengths = torch.tensor([len(p) for p in prompts], device=cache.lengths.device)
-    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=cache.lengths.device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.as_tensor(p, device=tokens.device)
+def prefill_forward(model, cache, tokens, lengths):
+    """tokens [B, T] (right-padded), lengths [B] -> the logits [B, V] after each row's last real
+    token; the cache rows advance by their lengths. The part of prefill a compiler can take whole."""
     h = model.hidden_states(tokens, cache)
     cache.advance(lengths)
-    return model.output(h[torch.arange(len(prompts), device=h.device), lengths - 1]).float()
+    return model.output(h[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]).float()
+
+
+def prefill(model, cache, prompts, pad_to=None, forward=prefill_forward):
+    """Run prompts (lists or 1-d tensors of ids, each fitting in the cache after its row's tokens)
+    through the model on top of the cache, right-padded to one batch of pad_to (default: the longest
+    prompt) tokens; returns the logits [B, V] after each prompt's last token. The cache rows advance
+    by each prompt's own length."""
+    device = cache.lengths.device
+    n = [len(p) for p in prompts]
+    tokens = torch.zeros(len(prompts), pad_to or max(n), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :n[i]] = torch.as_tensor(p, device=device)
+    return forward(model, cache, tokens, torch.tensor(n, device=device))
 
 
 def decode_step(model, cache, tokens):
@@ -187,105 +163,165 @@ class DecodeStep:
 # the decoding loop: rows of one KV cache, each decoding its own sequence
 
 
-@dataclass
-class Sampling:
-    """How one sequence's next token is drawn (see sample_next); generator: its own random stream."""
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    generator: torch.Generator | None = None
-
-    def __post_init__(self):
-        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
-
-    @property
-    def greedy(self):
-        return self.temperature < MIN_TEMPERATURE and self.repetition_penalty == 1.0
-
-
 class Decoder:
     """The one decoding loop, shared by generate/stream (a fixed batch) and core/engine.py's
     scheduler (requests joining and leaving): the rows of one KV cache, each decoding its own
-    sequence. A step is: `sample` one token per row (each group of rows with its own settings), then
-    `step` the rows still going (the model runs once for all of them). `fill` prefills prompts into
-    rows; a row whose context is full is refilled with its last max_len // 2 tokens and goes on.
+    sequence with its own sampling settings. `configure` sets rows' settings and `fill` prefills
+    their prompts; then each step is `sample` (one token per row, one batched pass) and `step` (the
+    model runs once for every active row); `free` ends a row. A row whose context is full is refilled
+    with its last max_len // 2 tokens and goes on.
+
+    Nothing in sample/step reads the device back: each row's tokens are kept on the device (history
+    [rows, max_len + 1], the cache's slots plus the token waiting for one), and the lengths that decide
+    refills and the attention span are known on the host (a row advances one token per step).
 
     captured: replay the step as a CUDA graph over a static cache (default: on CUDA), one capture
-    per batch size in step_sizes (default: all the rows), the smallest that holds the rows in use."""
+    per batch size in step_sizes (default: all the rows), the smallest that holds the rows in use.
+    compile_step: compile the step first (default: where captured), and on CUDA the prefill too, for
+    prompts padded to a power of two (a handful of shapes to compile, not one per prompt length)."""
 
-    def __init__(self, model, rows, captured=None, compile_step=False, step_sizes=None):
+    def __init__(self, model, rows, captured=None, compile_step=None, step_sizes=None):
         self.model, self.rows, self.max_len = model, rows, model.config.max_seq_len
         self.device = next(model.parameters()).device
         captured = self.device.type == "cuda" if captured is None else captured
-        self.cache = model.new_cache(rows, static=captured)
+        compile_step = captured if compile_step is None else compile_step
+        self.cache = model.new_cache(rows, static=captured or compile_step)
         self.captured = ({n: DecodeStep(model, self.cache.rows(0, n), compile_step) for n in step_sizes or [rows]}
                          if captured else None)
-        self.logits = torch.zeros(rows, model.config.vocab_size, device=self.device)
-        self.seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=self.device)
-        self.history = [[] for _ in range(rows)]  # each row's tokens, to refill it when its context is full
+        self.decode_step = torch.compile(decode_step, dynamic=False) if compile_step and not captured else decode_step
+        self.bucketed = compile_step and self.device.type == "cuda"
+        self.prefill_forward = torch.compile(prefill_forward) if self.bucketed else prefill_forward
+        V, device = model.config.vocab_size, self.device
+        self.logits = torch.zeros(rows, V, device=device)
+        self.seen = torch.zeros(rows, V, dtype=torch.bool, device=device)
+        self.history = torch.zeros(rows, self.max_len + 1, dtype=torch.long, device=device)
+        self.length = [0] * rows  # each row's tokens in the cache, kept on the host
+        self.active = torch.zeros(rows, dtype=torch.long, device=device)  # 1: the row advances at each step
+        self.temperature = torch.ones(rows, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
+        self.top_p = torch.ones(rows, device=device)
+        self.penalty = torch.ones(rows, device=device)
+        self.generators = [None] * rows
+        self.sampled = [False] * rows  # rows that draw (not greedy): only they need random noise
+
+    def configure(self, rows, sampling):
+        """Give rows (a list) the settings of sampling (a generation.Sampling) and its generator; an
+        unusable value raises here, before any row changes."""
+        values = [float(sampling.temperature), int(sampling.top_k or 0),
+                  1.0 if sampling.top_p is None else float(sampling.top_p), float(sampling.repetition_penalty)]
+        index = torch.tensor(rows, device=self.device)
+        for tensor, value in zip((self.temperature, self.top_k, self.top_p, self.penalty), values):
+            tensor[index] = value
+        for b in rows:
+            self.generators[b], self.sampled[b] = sampling.generator, not sampling.greedy
 
     def fill(self, rows, prompts):
-        """Prefill each of rows (ascending) with its prompt from an empty cache row; adjacent rows go
-        through the model as one right-padded batch. The logits after each prompt are kept."""
+        """Prefill each of rows (ascending) with its prompt (a list or 1-d tensor of ids) from an
+        empty cache row; adjacent rows go through the model as one right-padded batch. The logits
+        after each prompt are kept and the rows become active."""
         start = 0
         for i in range(1, len(rows) + 1):
             if i == len(rows) or rows[i] != rows[i - 1] + 1:
                 first, last = rows[start], rows[i - 1] + 1
                 view = self.cache.rows(first, last)
                 view.lengths.zero_()
-                self.logits[first:last] = prefill(self.model, view, prompts[start:i])
+                view.longest = 0
+                longest = max(len(p) for p in prompts[start:i])
+                pad_to = min(1 << (longest - 1).bit_length(), self.max_len) if self.bucketed else None
+                self.logits[first:last] = prefill(self.model, view, prompts[start:i], pad_to, self.prefill_forward)
                 start = i
         for b, ids in zip(rows, prompts):
-            self.history[b] = list(ids)
+            ids = torch.as_tensor(ids, device=self.device)
+            self.history[b, :len(ids)] = ids
+            self.length[b] = len(ids)
             self.seen[b] = False
             self.seen[b, ids] = True
+        self.active[rows] = 1
 
-    def sample(self, groups, on_error=None) -> torch.Tensor:
-        """One token per row [rows] (0 in rows of no group): for each (rows, Sampling) of groups, the
-        rows' logits drawn together with those settings and that generator. on_error(rows, exception):
-        a group whose drawing fails is reported there (its rows get 0) and the other groups go on;
-        without it the exception propagates."""
-        tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)
-        for rows, sampling in groups:
-            try:
-                logits = self.logits[rows]
-                if sampling.repetition_penalty != 1.0:
-                    logits = apply_repetition_penalty(logits, self.seen[rows], sampling.repetition_penalty)
-                tokens[rows] = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                                           sampling.generator)
-            except Exception as e:
-                if on_error is None:
-                    raise
-                on_error(rows, e)
-        return tokens
+    def noise(self):
+        """Exp(1) noise [rows, V] for sampling.draw, or None if every row is greedy. Rows with a
+        generator take theirs from it (rows sharing one generator in one call, so a batch decoded
+        with one seeded generator draws as one tensor); the others from torch's global stream."""
+        if not any(self.sampled):
+            return None
+        noise = torch.empty_like(self.logits)
+        if any(g is None for g in self.generators):
+            noise.exponential_()
+        by_generator = {}
+        for b, g in enumerate(self.generators):
+            if g is not None:
+                by_generator.setdefault(g, []).append(b)
+        for g, rows in by_generator.items():
+            if rows == list(range(self.rows)):
+                noise.exponential_(generator=g)
+            else:
+                noise[rows] = exponential_noise((len(rows), noise.shape[1]), self.device, g)
+        return noise
 
-    def step(self, tokens, going):
-        """Take tokens [rows] as the next token of the rows in `going` (ascending) and run one decoding
-        step: the rows up to the last one going run (a row among them that is not going computes a
-        slot its next fill overwrites), only the going rows advance, and full rows are refilled."""
-        rows = torch.tensor(going, device=self.device)
-        self.seen[rows, tokens[rows]] = True
-        for b, t in zip(going, tokens[rows].tolist()):
-            self.history[b].append(t)
-        lengths = self.cache.lengths.tolist()
-        full = [b for b in going if lengths[b] == self.max_len]
-        advance = torch.zeros(self.rows, dtype=torch.long)
-        advance[[b for b in going if lengths[b] < self.max_len]] = 1
+    def sample(self) -> torch.Tensor:
+        """One token per row [rows], each row drawn with its own settings (a free row's is unused)."""
+        logits = apply_repetition_penalty(self.logits, self.seen, self.penalty[:, None])
+        return draw(logits, self.temperature, self.top_k, self.top_p, self.noise())
+
+    def step(self, tokens):
+        """Take tokens [rows] as the next token of every active row and run one decoding step over the
+        rows up to the last active one (an inactive row among them computes a slot its next fill
+        overwrites); full rows are then refilled with their last max_len // 2 tokens."""
+        going = [b for b in range(self.rows) if self.length[b]]
         n = going[-1] + 1
+        self.seen.scatter_(1, tokens[:, None], True)
+        slots = self.cache.lengths.clamp(max=self.max_len)  # a full row's token waits in slot max_len
+        self.history.scatter_(1, slots[:, None], tokens[:, None])
+        full = [b for b in going if self.length[b] == self.max_len]
         self.logits[:n] = self.decode(tokens, n)
-        self.cache.advance(advance.to(self.device))
-        self.fill(full, [self.history[b][-(self.max_len // 2):] for b in full])
+        self.cache.advance(self.active)
+        for b in going:
+            self.length[b] += 1
+        half = self.max_len // 2
+        self.fill(full, [self.history[b, self.max_len + 1 - half:].clone() for b in full])
 
     def decode(self, tokens, n):
         """Logits [n, V] of one decoding step over the first n rows."""
         if self.captured is None:
-            return decode_step(self.model, self.cache.rows(0, n), tokens[:n])
+            view = self.cache.rows(0, n)
+            view.longest = max(self.length[:n])
+            return self.decode_step(self.model, view, tokens[:n])
         size = min(size for size in self.captured if size >= n)
         return self.captured[size](tokens[:size])[:n]
 
     def free(self, b):
-        self.cache.lengths[b] = 0  # a free row's stale length would widen every step's attention span
+        """End row b: it stops advancing, and its stale length no longer widens the attention span."""
+        self.length[b] = 0
+        self.active[b] = 0
+        self.cache.lengths[b] = 0
+        self.generators[b], self.sampled[b] = None, False
+
+
+# a Decoder holds a KV cache and, on CUDA, its captured (and compiled) steps: worth keeping between
+# calls. Each is taken out while a call uses it, so two threads decoding at once never share one.
+DECODERS: OrderedDict = OrderedDict()
+DECODERS_KEPT = 4
+DECODERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def reused_decoder(model, rows, captured=None, compile_step=None):
+    """A Decoder of rows for model, the one a previous call left if it has the same model, rows,
+    context, dtype and settings, else a new one; kept for the next call afterwards (at most
+    DECODERS_KEPT of them, the most recently used)."""
+    parameter = next(model.parameters())
+    key = (id(model), rows, model.config.max_seq_len, parameter.dtype, parameter.device, captured, compile_step)
+    with DECODERS_LOCK:
+        decoder = DECODERS.pop(key, None)
+    if decoder is None:
+        decoder = Decoder(model, rows, captured, compile_step)
+    try:
+        yield decoder
+    finally:  # also when the caller stops early (stream at a stop id): configure and fill reset every row
+        with DECODERS_LOCK:
+            DECODERS[key] = decoder  # holds the model, so its id names no other model while it is here
+            while len(DECODERS) > DECODERS_KEPT:
+                DECODERS.popitem(last=False)
 
 
 def as_prompt_lists(prompts):
@@ -300,12 +336,14 @@ def as_prompt_lists(prompts):
 @torch.inference_mode()
 def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
            repetition_penalty=1.0, stop_ids=(), generator=None, captured=None,
-           compile_step=False) -> Iterator[torch.Tensor]:
-    """Yield one tensor [B] of sampled tokens per step (a finished row repeats a stop id).
+           compile_step=None, check_every=8) -> Iterator[torch.Tensor]:
+    """Yield one tensor [B] of sampled tokens per step, on the model's device (a finished row repeats
+    a stop id). Whether every row has finished is read back every check_every steps only (each read
+    waits for the device), so up to check_every - 1 steps may follow the last row's stop.
 
     captured: replay the step as a CUDA graph (default: on CUDA); compile_step: compile it first
-    (see DecodeStep). When a row's context is full, its cache row is refilled with its last
-    max_len // 2 tokens and decoding goes on."""
+    (default: where captured; see Decoder). When a row's context is full, its cache row is refilled
+    with its last max_len // 2 tokens and decoding goes on."""
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty, generator)
     prompts = as_prompt_lists(prompts)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -315,31 +353,31 @@ def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_
         warnings.warn(f"prompt longer than the context ({max_len} tokens): keeping its last {max_len - 1}")
         prompts = [p[-(max_len - 1):] for p in prompts]
     B = len(prompts)
-    decoder = Decoder(model, B, captured, compile_step)
-    decoder.fill(list(range(B)), prompts)
-    stop = torch.tensor(list(stop_ids) or [-1], device=decoder.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=decoder.device)
-    for _ in range(max_new_tokens):
-        token = torch.where(finished, stop[0], decoder.sample([(slice(None), sampling)]))
-        yield token
-        finished |= torch.isin(token, stop)
-        if finished.all():
-            return
-        decoder.step(token, (~finished).nonzero().flatten().tolist())
+    with reused_decoder(model, B, captured, compile_step) as decoder:
+        decoder.configure(list(range(B)), sampling)
+        decoder.fill(list(range(B)), prompts)
+        stop = torch.tensor(list(stop_ids) or [-1], device=decoder.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=decoder.device)
+        for i in range(1, max_new_tokens + 1):
+            token = torch.where(finished, stop[0], decoder.sample())
+            yield token
+            finished |= torch.isin(token, stop)
+            if i == max_new_tokens or i % check_every == 0 and finished.all():
+                return
+            decoder.step(token)
 
 
 def generate(model, prompts, **sampling):
     """The new tokens of each prompt (stop token excluded); prompts of different lengths are decoded
-    as one batch. See `decode` for the settings."""
+    as one batch. See `decode` for the settings. The tokens are read back from the device once, at
+    the end."""
     stop_ids = set(sampling.get("stop_ids", ()))
     prompts = as_prompt_lists(prompts)
-    outputs, done = [[] for _ in prompts], [False] * len(prompts)
-    for step in decode(model, prompts, **sampling):
-        for i, token in enumerate(step.tolist()):
-            if not done[i]:
-                done[i] = token in stop_ids
-                if not done[i]:
-                    outputs[i].append(token)
+    steps = list(decode(model, prompts, **sampling))
+    outputs = []
+    for row in torch.stack(steps, 1).tolist():
+        end = next((t for t, token in enumerate(row) if token in stop_ids), len(row))
+        outputs.append(row[:end])
     return outputs
 
 
