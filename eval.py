@@ -115,6 +115,9 @@ def main(argv=None):
                              "default sampling settings")
     parser.add_argument("--gen_samples", type=int, default=4, help="--gen: replies per prompt")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="--gen: new tokens per reply at most")
+    parser.add_argument("--no_compile", action="store_true",
+                        help="--gen: do not compile the decoding step (default: compiled, and replayed as a CUDA graph, "
+                        "on CUDA; eager on the CPU)")
     parser.add_argument("--context", type=int, default=None, help="tokens per forward pass (default: the model's)")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -131,7 +134,8 @@ def main(argv=None):
             parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         lm = (load_hf(args.hf, args.device, args.dtype, args.context) if args.hf else
-              load_ours(args.ckpt, args.tokenizer, args.device, args.dtype, args.context))
+              load_ours(args.ckpt, args.tokenizer, args.device, args.dtype, args.context,
+                        False if args.no_compile else None))
         params = sum(p.numel() for p in lm.model.parameters())
         tasks = [f"bits per character of {len(args.bpc)} file(s)"] * bool(args.bpc) + [
             f"multiple choice in {args.mcq}, {args.shots}-shot"] * bool(args.mcq) + [

@@ -74,9 +74,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32: under bf16 autocast the mean of squares loses precision
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # normalise in fp32: under bf16 autocast the mean of squares loses precision. F.rms_norm is
+        # x * rsqrt(mean(x^2) + eps) in one call (bit-equal to writing it out; a fused kernel where one exists)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim, max_len, theta):
@@ -112,12 +112,29 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.register_buffer("wqkv", None, persistent=False)  # see fuse: never in a checkpoint
+
+    def fuse(self):
+        """For inference: wq, wk, wv as one matrix, so q, k and v come out of one matrix product
+        (one kernel reading x once instead of three). wq, wk, wv become views of its rows: no
+        extra memory, the same state_dict names and values."""
+        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]).detach()
+        self.wqkv = w
+        for linear, rows in zip((self.wq, self.wk, self.wv), w.split(self.split_sizes())):
+            linear.weight = nn.Parameter(rows, requires_grad=False)
+
+    def split_sizes(self):
+        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
 
     def forward(self, x, cos, sin, cache=None, mask=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = F.linear(x, self.wqkv).split(self.split_sizes(), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if cache is not None:
@@ -138,9 +155,22 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.register_buffer("w13", None, persistent=False)  # see fuse: never in a checkpoint
+
+    def fuse(self):
+        """For inference: w1 and w3 as one matrix (one product for the gate and the value); w1
+        and w3 become views of its halves, as Attention.fuse does with wq, wk, wv."""
+        w = torch.cat([self.w1.weight, self.w3.weight]).detach()
+        self.w13 = w
+        for linear, rows in zip((self.w1, self.w3), w.chunk(2)):
+            linear.weight = nn.Parameter(rows, requires_grad=False)
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        if self.w13 is None:
+            gate, value = self.w1(x), self.w3(x)
+        else:
+            gate, value = F.linear(x, self.w13).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * value))
 
 
 class DecoderLayer(nn.Module):
@@ -214,6 +244,11 @@ class CausalLM(nn.Module):
             loss = loss / weights.sum().clamp(min=1)  # an all-masked batch gives 0, not NaN
         return logits, loss
 
+    def fuse_for_inference(self) -> bool:
+        """Merge the matrices that read the same input into one (see Transformer); whether it did.
+        A model without such matrices (gpt2_model.py's qkv is one already) has nothing to do."""
+        return False
+
     def new_cache(self, batch, static=False) -> generation.KVCache:
         c, p = self.config, self.output.weight
         return generation.KVCache(c.n_layers, batch, getattr(c, "n_kv_heads", c.n_heads), c.max_seq_len,
@@ -255,6 +290,21 @@ class Transformer(CausalLM):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def fuse_for_inference(self) -> bool:
+        """For a model that only decodes from now on: wq/wk/wv and w1/w3 of every layer become one
+        matrix each (fewer, larger matrix products: fewer kernel launches per token). The state_dict
+        keeps its names and values, but its tensors share memory, so save a model before fusing it,
+        never after, and do not train it. LoRA adapters (core/lora.py) wrap those matrices: a model
+        with adapters is left as it is (merge them first); returns whether it fused."""
+        matrices = [m for layer in self.layers for m in (layer.attention.wq, layer.attention.wk,
+                                                         layer.attention.wv, layer.feed_forward.w1, layer.feed_forward.w3)]
+        if any(type(m) is not nn.Linear for m in matrices) or self.layers[0].attention.wqkv is not None:
+            return False
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+        return True
 
     def transform(self, tokens, positions, cache, mask):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B or 1, T, head_dim/2]

@@ -39,7 +39,7 @@ def chat(gen, max_new_tokens=256, seed=None, **sampling):
     room = min(max_new_tokens, max_len // 2)  # longer replies still work: generate() shifts the context
     generator = torch.Generator(gen.device).manual_seed(seed) if seed is not None else None
     sampling = dict(**{**SAMPLING, **sampling}, max_new_tokens=max_new_tokens, generator=generator,
-                    stop_ids=(gen.im_end_id, gen.tokenizer.eos_token_id))
+                    stop_ids=(gen.im_end_id, gen.tokenizer.eos_token_id), **gen.decoding)
     print(f"chatting with {gen.checkpoint}: /reset clears the history, /quit or Ctrl-D leaves, "
           "Ctrl-C stops a reply")
     history = []
@@ -96,6 +96,9 @@ def main():
                         "weights file with no tokenizer beside it)")
     parser.add_argument("--model_config", type=json.loads, default=None,
                         help="config of a bare .pth without config.json beside it, as JSON")
+    parser.add_argument("--no_compile", action="store_true",
+                        help="do not compile the decoding step (default: compiled, and replayed as a CUDA "
+                        "graph, on CUDA; eager on the CPU)")
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                         help="streaming multi-turn chat with the SFT model")
     args = parser.parse_args()
@@ -120,7 +123,7 @@ def main():
                 continue
             if found[mode] not in generators:
                 generators[found[mode]] = TextGenerator(found[mode], args.tokenizer, args.device, args.dtype,
-                                                        args.model_config)
+                                                        args.model_config, False if args.no_compile else None)
             gen = generators[found[mode]]
             if args.chat:
                 chat(gen, **sampling)

@@ -84,7 +84,9 @@ def load_for_serving(source, tokenizer_dir=None, device=None, dtype=None, model_
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer of {tokenizer_dir or path} has {len(tokenizer)} tokens but the model's vocab_size "
                          f"is {model.config.vocab_size}: pass the tokenizer it was trained with")
-    return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    model.fuse_for_inference()  # as TextGenerator does: this model only decodes
+    return model, tokenizer
 
 def main():
     parser = argparse.ArgumentParser(description="Serve a checkpoint: OpenAI-compatible API and a web chat page.")
@@ -97,6 +99,9 @@ def main():
     parser.add_argument("--model_name", default=None, help="the id in /v1/models (default: the checkpoint's name)")
     parser.add_argument("--max_batch", type=int, default=32, help="requests decoded together (KV-cache rows)")
     parser.add_argument("--max_queue", type=int, default=64, help="requests waiting for a row; more get a 429")
+    parser.add_argument("--no_compile", action="store_true",
+                        help="do not compile the decoding step (default: compiled, and replayed as a CUDA "
+                        "graph, on CUDA; eager on the CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default: bfloat16 on a GPU that supports it, else float32")
@@ -135,7 +140,7 @@ def main():
         print(f"warning: --host {args.host} without --api_key: anyone who can reach this port can use the model")
     print(f"chat page: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1   Host names "
           f"answered: {'any' if allowed_hosts is None else ', '.join(allowed_hosts)}")
-    scheduler = Scheduler(model, args.max_batch, args.max_queue)
+    scheduler = Scheduler(model, args.max_batch, args.max_queue, compile_step=False if args.no_compile else None)
     app = create_app(scheduler, tokenizer, name, args.api_key, allowed_hosts,
                      [o.strip() for o in args.cors_origins.split(",") if o.strip()])
     make_server(app, args.host, args.port, scheduler.drain, args.max_connections, grace=args.shutdown_grace).run()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from core import corpus
+from core.generation import release_decoders
 from core.inference import DTYPES, TextGenerator, encode_chat
 
 CHOICES = ("A", "B", "C", "D")
@@ -61,9 +62,10 @@ class LM:
         return self.model(tokens)[0]
 
 
-def load_ours(path, tokenizer_dir=None, device=None, dtype="float32", context=None) -> LM:
-    """A K-Model or GPT2 checkpoint (ckpt dir, run dir or weights file) with its own tokenizer."""
-    gen = TextGenerator(path, tokenizer_dir=tokenizer_dir, device=device, dtype=dtype)
+def load_ours(path, tokenizer_dir=None, device=None, dtype="float32", context=None, compile_step=None) -> LM:
+    """A K-Model or GPT2 checkpoint (ckpt dir, run dir or weights file) with its own tokenizer;
+    compile_step: as TextGenerator's (for generation_report)."""
+    gen = TextGenerator(path, tokenizer_dir=tokenizer_dir, device=device, dtype=dtype, compile_step=compile_step)
     limit = gen.model.config.max_seq_len
     return LM(f"{gen.checkpoint} ({type(gen.model).__name__})", gen.model, gen.tokenizer,
               min(context or limit, limit), gen.device, generator=gen)
@@ -314,7 +316,7 @@ def generation_report(gen, items, max_new_tokens=128, samples=4, seed=0, **sampl
         batch = [x for x in ids for _ in range(samples)]
         generator = torch.Generator(gen.device).manual_seed(seed)
         outputs = gen.model.generate(batch, max_new_tokens=max_new_tokens, stop_ids=stops, generator=generator,
-                                     **sampling)
+                                     **gen.decoding, **sampling)
         texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]
         repeated, grams = map(sum, zip(*(repetition(t) for t in texts)))
         report[kind] = {"replies": len(texts), "stop_rate": sum(len(o) < max_new_tokens for o in outputs) / len(texts),
@@ -339,8 +341,11 @@ def sentiment_evals(cfg):
     def answer(model, prompts):
         ids = [encode_chat(tokenizer, p) for p in prompts]
         replies = []
+        # 4 new tokens: compiling the step would cost more than it saves (on CUDA it is still captured)
         for i in range(0, len(ids), ANSWER_BATCH):
-            replies += model.generate(ids[i:i + ANSWER_BATCH], max_new_tokens=4, temperature=0, stop_ids=(stop,))
+            replies += model.generate(ids[i:i + ANSWER_BATCH], max_new_tokens=4, temperature=0, stop_ids=(stop,),
+                                      compile_step=False)
+        release_decoders(model)  # the training run gets the KV cache's memory back
         return [tokenizer.decode(r) for r in replies]
 
     return {"sentiment_acc": lambda model: corpus.sentiment_accuracy(items, lambda p: answer(model, p))[0]}

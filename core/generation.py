@@ -324,6 +324,13 @@ def reused_decoder(model, rows, captured=None, compile_step=None):
                 DECODERS.popitem(last=False)
 
 
+def release_decoders(model):
+    """Drop the Decoders kept for model (their KV caches: memory a training run wants back)."""
+    with DECODERS_LOCK:
+        for key in [key for key in DECODERS if key[0] == id(model)]:
+            del DECODERS[key]
+
+
 def as_prompt_lists(prompts):
     """A list of id lists, or a [B, T] LongTensor of prompts (happy-llm's calling convention)."""
     if isinstance(prompts, torch.Tensor):

@@ -110,11 +110,15 @@ def device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype
 
 
 class TextGenerator:
-    def __init__(self, checkpoint, tokenizer_dir=None, device=None, dtype=None, model_config=None):
+    def __init__(self, checkpoint, tokenizer_dir=None, device=None, dtype=None, model_config=None,
+                 compile_step=None):
         """checkpoint: a ckpt dir, a run dir (its newest ckpt-*) or a weights file (checkpoint.load_model).
         tokenizer_dir: default the tokenizer saved with the checkpoint (or beside a weights file); a
         bare weights file with none beside it needs one (it may come from another tokenizer).
-        device: default cuda if available; dtype: default bfloat16 on a GPU that has it, else float32."""
+        device: default cuda if available; dtype: default bfloat16 on a GPU that has it, else float32.
+        compile_step: compile the decoding step (generation.decode's default: on CUDA, where it is
+        captured; False: --no_compile). The model is loaded for inference only, its matrices fused
+        (fuse_for_inference)."""
         self.checkpoint = weights_source(checkpoint)
         home = self.checkpoint.parent if self.checkpoint.is_file() else self.checkpoint
         if tokenizer_dir is None:
@@ -129,6 +133,8 @@ class TextGenerator:
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (run python train_tokenizer.py first)")
         self.device, torch_dtype = device_and_dtype(device, dtype)
         self.model = load_model(self.checkpoint, self.device, torch_dtype, model_config).eval()
+        self.model.fuse_for_inference()
+        self.decoding = dict(compile_step=compile_step)  # for every generate/stream of this model
         # not AutoTokenizer: it would also read a checkpoint's config.json and warn about model_type "k"
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(self.tokenizer_dir)
         if len(self.tokenizer) > self.model.config.vocab_size:
@@ -140,7 +146,7 @@ class TextGenerator:
         """Decode every prompt num_samples times in one batch; texts prompt-major, new tokens only."""
         batch = [ids for ids in prompts for _ in range(num_samples)]
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        outputs = self.model.generate(batch, stop_ids=stop_ids, generator=generator, **sampling)
+        outputs = self.model.generate(batch, stop_ids=stop_ids, generator=generator, **self.decoding, **sampling)
         return [self.tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
 
     def pretrain_sample(self, start, num_samples=1, max_new_tokens=256, seed=None, **sampling):
