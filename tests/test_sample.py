@@ -226,3 +226,16 @@ def test_cli_sampling_flags_are_checked_in_one_line(ckpt, flags, message, monkey
     with pytest.raises(SystemExit, match=message) as e:
         model_sample.main()
     assert "\n" not in str(e.value)
+
+
+def test_seeded_samples_are_the_tokens_of_generation_generate(gen):
+    """model_sample.py's TextGenerator decodes through generation.generate with its defaults: a seed
+    gives the same tokens either way."""
+    from core import generation
+    from core.inference import SAMPLING
+    texts = gen.pretrain_sample(["北京", "人工智能"], num_samples=2, max_new_tokens=8, seed=3)
+    batch = [[1] + gen.tokenizer.encode(p) for p in ["北京", "人工智能"] for _ in range(2)]
+    outputs = generation.generate(gen.model, batch, max_new_tokens=8, stop_ids=(2,),
+                                  generator=torch.Generator().manual_seed(3), **SAMPLING)
+    assert texts == [gen.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+    assert len(set(texts[:2])) == 2  # sampled, not greedy: the two samples of a prompt differ
