@@ -1,9 +1,9 @@
 """Generation speed: our KV-cache generate vs transformers' generate on the exported model, and vs
 recomputing the whole sequence at every step (happy-llm's generate has no cache).
 
-    python bench/bench_generate.py [--repeats 3]
+    python bench/bench_generate.py [--repeats 3] [--batch 8] [--only ours]
 
-Batch 1, greedy, fp32, random weights (speed does not depend on what was learned), the same
+Batch 1 (--batch: that many copies of the prompt), greedy, fp32, random weights (speed does not depend on what was learned), the same
 16-token prompt everywhere and exactly N new tokens (no stop token). Times are the best of
 --repeats runs after one warmup. Without a cache, step t runs the model on all prompt + t tokens:
 the attention and MLP work of a step grows with t, so N steps cost ~N^2/2 token-forwards; with
@@ -47,7 +47,7 @@ def recompute_generate(model, prompt, n):
     Only the last position goes through the output head, as in happy-llm's generate()."""
     tokens = torch.tensor([prompt])
     for _ in range(n):
-        logits = model.head(model.hidden_states(tokens)[:, -1])
+        logits = model.output(model.hidden_states(tokens)[:, -1])
         tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     return tokens[0, len(prompt):].tolist()
 
@@ -56,9 +56,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new_tokens", type=int, default=256, help="for the ours-vs-transformers table")
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (copies of one prompt)")
+    parser.add_argument("--only", choices=["ours", "all"], default="all",
+                        help="ours: only the first table, without transformers")
     args = parser.parse_args()
     print(f"machine: {describe_machine()}, {torch.get_num_threads()} threads")
-    print(f"batch 1, greedy, fp32, 16-token prompt, best of {args.repeats} after a warmup\n")
+    print(f"batch {args.batch}, greedy, fp32, 16-token prompt, best of {args.repeats} after a warmup\n")
     prompt = torch.randint(3, 6144, (16,), generator=torch.Generator().manual_seed(0)).tolist()
 
     print(f"### {args.new_tokens} new tokens: ours (KV cache) vs transformers' LlamaForCausalLM.generate\n")
@@ -68,13 +71,18 @@ def main():
         torch.manual_seed(0)
         model = Transformer(ModelConfig(vocab_size=6144, max_seq_len=1024, **size)).eval()
         hf = to_hf_llama(model, eos_token_id=None)
-        n = args.new_tokens
-        ours_s, ours = best_time(lambda: model.generate([prompt], n, temperature=0)[0], args.repeats)
-        ids = torch.tensor([prompt])
+        n, B = args.new_tokens, args.batch
+        ours_s, ours = best_time(lambda: model.generate([prompt] * B, n, temperature=0)[0], args.repeats)
+        if args.only == "ours":
+            print(f"| {name} | {model.num_params() / 1e6:.1f}M | {ours_s:.2f} | {B * n / ours_s:.0f} | - | - | - |")
+            continue
+        ids = torch.tensor([prompt] * B)
         hf_s, theirs = best_time(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                                      do_sample=False)[0, len(prompt):].tolist(), args.repeats)
-        print(f"| {name} | {model.num_params() / 1e6:.1f}M | {ours_s:.2f} | {n / ours_s:.0f} | {hf_s:.2f} | "
-              f"{n / hf_s:.0f} | {'yes' if ours == theirs else 'NO'} |")
+        print(f"| {name} | {model.num_params() / 1e6:.1f}M | {ours_s:.2f} | {B * n / ours_s:.0f} | {hf_s:.2f} | "
+              f"{B * n / hf_s:.0f} | {'yes' if ours == theirs else 'NO'} |")
+    if args.only == "ours":
+        return
 
     name = "dim 256, 4 layers"
     print(f"\n### {name}: KV cache vs recomputing the whole sequence each step\n")

@@ -12,14 +12,18 @@ What this project measures on a GPU, in one run sized for 10 minutes of one H100
    seq per token, as nanoGPT counts) over the GPU's dense bf16 peak.
 2. Memory: the largest micro-batch of 215M whose training step fits a 24 GB card (3090/4090),
    eager and compiled, from the peak memory at two batch sizes (it grows linearly with the batch).
-3. Decoding, 215M in bf16, greedy, 128 new tokens after a 16-token prompt: batch 1 and 32, the
-   eager KV-cache loop against the captured one (a CUDA graph replayed per token); the tokens
-   must be identical.
+3. Decoding, 215M in bf16, greedy, 128 new tokens after a 16-token prompt, batch 1 and 32, through
+   the default path of each command that generates: generation.generate (model.generate),
+   model_sample.py's TextGenerator (fused weights) and serve.py's engine.Scheduler (all compiled and
+   captured on CUDA). Tokens/s, its fraction of the bandwidth limit (HBM bytes/s / weight bytes
+   steps a second, batch tokens each), the time to the first token, and whether the tokens agree.
 """
 
 import argparse
 import math
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,15 +34,18 @@ from machine import describe_machine  # noqa: E402  (bench/ is on sys.path when 
 from tokenizers import Tokenizer  # noqa: E402
 
 from core import corpus  # noqa: E402
+from core import engine  # noqa: E402
+from core import generation  # noqa: E402
 from core import optim  # noqa: E402
 from core import trainer  # noqa: E402
-from core.checkpoint import build_model  # noqa: E402
+from core.checkpoint import build_model, save_checkpoint  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
 from core.train_config import PRESETS, TrainConfig  # noqa: E402
 from dataset import collate_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, SXM data sheets
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # memory bandwidth, SXM data sheets
 CARD_GIB = 22.5  # what a 24 GB card leaves for one process after the CUDA context and fragmentation
 
 
@@ -161,33 +168,103 @@ def memory(args, device, tokenizer, chunks):
         print(f"| {recipe} | {peaks[4]:.1f} | {peaks[8]:.1f} | {per_sample:.2f} | {fits} |", flush=True)
 
 
+def timed(fn, device, repeats=3):
+    """(best seconds of repeats after one warmup call, the last result)."""
+    fn()
+    best, out = math.inf, None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def first_token_seconds(model, prompts, device, **decoding):
+    """Time to the first new token of generation.decode (the prefill and one draw), best of 3."""
+    def first():
+        steps = generation.decode(model, prompts, 1, temperature=0, **decoding)
+        token = next(steps)
+        steps.close()
+        return token
+    return timed(first, device)[0]
+
+
+def served(scheduler, tokenizer, prompts, n):
+    """All prompts submitted at once to serve.py's scheduler: (seconds until every one is done,
+    seconds to the first text of the earliest, the tokens of each)."""
+    done = [threading.Event() for _ in prompts]
+    first = []
+    start = time.perf_counter()
+
+    def emit(event, d):
+        if event[0] == "text" and not first:
+            first.append(time.perf_counter() - start)
+        if event[0] != "text":
+            d.set()
+    requests = [engine.Generation(p, tokenizer, (), lambda event, d=d: emit(event, d), n, temperature=0,
+                                  device=scheduler.device) for p, d in zip(prompts, done)]
+    for r in requests:
+        scheduler.submit(r)
+    for d in done:
+        d.wait()
+    return time.perf_counter() - start, first[0] if first else math.nan, [r.tokens for r in requests]
+
+
+def entry_points(args, device, model, weights):
+    """What each command runs by default: {name: (fn(prompts) -> tokens per prompt, first-token fn)}."""
+    from transformers import PreTrainedTokenizerFast
+
+    from core.inference import TextGenerator
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(REPO / "tokenizer_k")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    text = TextGenerator(weights, device=str(device), dtype=dtype)  # model_sample.py's: fused, its defaults
+    n = args.new_tokens
+    points = {"generation.generate (model.generate)": (
+                  lambda prompts: model.generate(prompts, n, temperature=0),
+                  lambda prompts: first_token_seconds(model, prompts, device)),
+              "model_sample.py's TextGenerator (fused)": (
+                  lambda prompts: text.model.generate(prompts, n, temperature=0, **text.decoding),
+                  lambda prompts: first_token_seconds(text.model, prompts, device, **text.decoding))}
+    scheduler = engine.Scheduler(model, max_batch=max(args.batches))  # serve.py's, built once (captures at start)
+    points["serve.py's engine.Scheduler"] = (lambda prompts: served(scheduler, tokenizer, prompts, n)[2],
+                                             lambda prompts: served(scheduler, tokenizer, prompts, 1)[1])
+    return points, scheduler
+
+
 def decoding(args, device):
+    """Tokens/s through each command's default decoding path, against the bandwidth limit: at batch B
+    a step reads every weight once, so it can run at most HBM bandwidth / weight bytes times a second."""
     preset = args.presets[-1]
     model, _ = make_model(preset, 512, device)
     model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    print(f"\n### 3. decoding, {preset} in {str(next(model.parameters()).dtype)[6:]}, greedy, {args.new_tokens} "
-          "new tokens after a 16-token prompt (best of 3, after one warmup)\n")
-    print("| batch | loop | seconds | new tokens/s | same tokens as eager |")
-    print("|---|---|---|---|---|")
-    for batch in args.batches:
-        prompts = torch.randint(5, 6144, (batch, 16), generator=torch.Generator().manual_seed(batch)).tolist()
-        outputs = {}
-        for loop in ["eager"] + (["captured", "compiled"] if device.type == "cuda" else []):
-            def run():
-                return model.generate(prompts, args.new_tokens, temperature=0, captured=loop != "eager",
-                                      compile_step=loop == "compiled")
-            run()
-            best = math.inf
-            for _ in range(3):
-                sync(device)
-                start = time.perf_counter()
-                outputs[loop] = run()
-                sync(device)
-                best = min(best, time.perf_counter() - start)
-            tokens = sum(map(len, outputs[loop]))
-            name = {"eager": "eager", "captured": "captured (CUDA graph)", "compiled": "compiled + captured"}[loop]
-            print(f"| {batch} | {name} | {best:.3f} | {tokens / best:,.0f} | {outputs[loop] == outputs['eager']} |",
-                  flush=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    bandwidth = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    weights = save_checkpoint(Path(tempfile.mkdtemp()), model, step=0, tokenizer_dir=REPO / "tokenizer_k")
+    print(f"\n### 3. decoding, {preset} in {str(next(model.parameters()).dtype)[6:]} ({weight_bytes / 1e9:.2f} GB of "
+          f"weights), greedy, {args.new_tokens} new tokens after a 16-token prompt, each command's default path "
+          "(best of 3, after one warmup that includes compilation and capture)\n")
+    print("| batch | entry point | seconds | new tokens/s | of the bandwidth limit | first token s | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    started = time.perf_counter()
+    points, scheduler = entry_points(args, device, model, weights)
+    print(f"(the scheduler's steps for batch sizes up to {max(args.batches)}: built in "
+          f"{time.perf_counter() - started:.0f} s)\n", flush=True)
+    try:
+        for batch in args.batches:
+            prompts = torch.randint(5, 6144, (batch, 16), generator=torch.Generator().manual_seed(batch)).tolist()
+            reference = None
+            for point, (run, first_token) in points.items():
+                seconds, outputs = timed(lambda: run(prompts), device)
+                reference = reference or outputs
+                tokens = sum(map(len, outputs))
+                limit = f"{tokens / seconds / (batch * bandwidth / weight_bytes):.1%}" if bandwidth else "-"
+                print(f"| {batch} | {point} | {seconds:.3f} | {tokens / seconds:,.0f} | {limit} | "
+                      f"{first_token(prompts):.4f} | {outputs == reference} |", flush=True)
+    finally:
+        scheduler.close()
 
 
 def main():

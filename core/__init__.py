@@ -14,7 +14,8 @@ commands -> core -> model files, never back (tests/test_layout.py checks it).
     checkpoint.py     atomic checkpoints, resume, load_model      原子写入的检查点、续训、加载模型
     optim.py          AdamW, or Muon for the hidden matrices      优化器：AdamW 或 Muon
     lora.py           LoRA by hand, in peft's format              手写 LoRA（peft 格式保存）
-    generation.py     KV cache, samplers, the decode loop         KV 缓存、采样、解码循环
+    generation.py     KV cache, the decode loop                   KV 缓存、解码循环
+    sampling.py       samplers, per-row settings as tensors       采样：每行自己的温度、top-k、top-p
     inference.py      a checkpoint with its tokenizer             检查点 + 分词器：续写与对话
     engine.py         continuous batching for serve.py            连续批处理（serve.py 的解码引擎）
     evaluation.py     BPC, multiple choice, generation checks     评测：BPC、选择题、生成诊断

@@ -219,6 +219,8 @@ class Decoder:
         """Prefill each of rows (ascending) with its prompt (a list or 1-d tensor of ids) from an
         empty cache row; adjacent rows go through the model as one right-padded batch. The logits
         after each prompt are kept and the rows become active."""
+        if not rows:
+            return
         start = 0
         for i in range(1, len(rows) + 1):
             if i == len(rows) or rows[i] != rows[i - 1] + 1:
