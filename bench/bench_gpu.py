@@ -246,12 +246,12 @@ def decoding(args, device):
     print(f"\n### 3. decoding, {preset} in {str(next(model.parameters()).dtype)[6:]} ({weight_bytes / 1e9:.2f} GB of "
           f"weights), greedy, {args.new_tokens} new tokens after a 16-token prompt, each command's default path "
           "(best of 3, after one warmup that includes compilation and capture)\n")
-    print("| batch | entry point | seconds | new tokens/s | of the bandwidth limit | first token s | same tokens |")
-    print("|---|---|---|---|---|---|---|")
     started = time.perf_counter()
     points, scheduler = entry_points(args, device, model, weights)
-    print(f"(the scheduler's steps for batch sizes up to {max(args.batches)}: built in "
-          f"{time.perf_counter() - started:.0f} s)\n", flush=True)
+    print(f"serve.py's scheduler: its steps for batch sizes 1 to {max(args.batches)} built in "
+          f"{time.perf_counter() - started:.0f} s\n", flush=True)
+    print("| batch | entry point | seconds | new tokens/s | of the bandwidth limit | first token s | same tokens |")
+    print("|---|---|---|---|---|---|---|")
     try:
         for batch in args.batches:
             prompts = torch.randint(5, 6144, (batch, 16), generator=torch.Generator().manual_seed(batch)).tolist()
