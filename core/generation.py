@@ -379,7 +379,7 @@ def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_
 def generate(model, prompts, **sampling):
     """The new tokens of each prompt (stop token excluded); prompts of different lengths are decoded
     as one batch. See `decode` for the settings. The tokens are read back from the device once, at
-    the end."""
+    the end (decode itself reads one flag every check_every steps: have all rows finished?)."""
     stop_ids = set(sampling.get("stop_ids", ()))
     prompts = as_prompt_lists(prompts)
     steps = list(decode(model, prompts, **sampling))
