@@ -22,8 +22,8 @@ from collections import deque
 import torch
 
 from core.generation import Decoder
-from core.sampling import Sampling
 from core.inference import StreamDecoder
+from core.sampling import Sampling
 
 # -----------------------------------------------------------------------------
 # one request being decoded
@@ -56,7 +56,7 @@ class Generation:
         self.tokens = []  # generated, stop token excluded
         self.sent = 0  # characters of the text already emitted
         self.cancelled = False  # set by the HTTP side; the scheduler frees the row at its next step
-        self.failure = None  # a key of FAILURES, set by Scheduler.drain: freed at the next step as failed
+        self.failure = None  # a key of FAILURES, set by Scheduler.drain or _join: freed at the next step as failed
         self.finish_reason = None
 
     def accept(self, token) -> str | None:
