@@ -8,6 +8,8 @@ or not at all.
         train_state.pt      run state (step, data position, LR plan), optimizer, grad scaler, RNG
                             states, the run's config (plain tensors and numbers:
                             torch.load(weights_only=True) reads it)
+        optimizer/          --parallel fsdp only: the optimizer state in shards, not in
+                            train_state.pt (core/parallel.py)
         tokenizer files     copied from the tokenizer the run used, so the directory is complete
 
 A checkpoint is first written to a hidden temporary directory and then renamed into place: a
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_file
 from safetensors.torch import save_model as save_safetensors
 from tokenizers import Tokenizer
 
@@ -74,15 +77,22 @@ def copy_tokenizer(src_dir, dst_dir):
 # writing
 
 
-def _write_dir_atomically(target: Path, fill):
-    """Call fill(tmp_dir), then move tmp_dir to target in one rename."""
+def new_temp_dir(target: Path) -> Path:
+    """A hidden temporary directory beside target, to fill and then rename to target."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+
+
+def _write_dir_atomically(target: Path, fill, tmp=None):
+    """Call fill(tmp_dir), then move tmp_dir to target in one rename. tmp: a directory from
+    new_temp_dir that holds files already (other processes' shards), else a new one."""
+    tmp = tmp or new_temp_dir(target)
     try:
         fill(tmp)
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if target.exists():  # the same step saved again (e.g. a resumed run): swap it out
             old = target.with_name(f".old-{target.name}")
             shutil.rmtree(old, ignore_errors=True)
@@ -96,13 +106,17 @@ def _write_dir_atomically(target: Path, fill):
         raise
 
 
-def save_checkpoint(out_dir, model, step, train_state=None, tokenizer_dir=None, keep=3) -> Path:
-    """Write out_dir/ckpt-{step} atomically and delete all but the newest `keep` checkpoints."""
+def save_checkpoint(out_dir, model, step, train_state=None, tokenizer_dir=None, keep=3, weights=None, tmp=None) -> Path:
+    """Write out_dir/ckpt-{step} atomically and delete all but the newest `keep` checkpoints.
+    weights: the whole state dict of a sharded model (whose parameters are shards), a tied matrix
+    under one name; tmp: the temporary directory other processes have written into (core/parallel.py)."""
     out_dir = Path(out_dir)
     target = out_dir / f"ckpt-{step:07d}"
 
     def fill(tmp):
-        if lora.has_adapters(model):  # a LoRA run: the adapters alone, and the base they belong to
+        if weights is not None:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        elif lora.has_adapters(model):  # a LoRA run: the adapters alone, and the base they belong to
             lora.save_adapters(model, tmp, *model.adapter_base)
         else:
             save_safetensors(model, str(tmp / "model.safetensors"))  # stores a tied matrix once
@@ -112,7 +126,7 @@ def save_checkpoint(out_dir, model, step, train_state=None, tokenizer_dir=None, 
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
 
-    _write_dir_atomically(target, fill)
+    _write_dir_atomically(target, fill, tmp)
     for old in sorted(out_dir.glob("ckpt-*"))[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target

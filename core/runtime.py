@@ -6,8 +6,8 @@ Multi-GPU: `--gpus 0,1` relaunches the script through torch.distributed.run with
 listed GPU; the script also runs unchanged under any `torchrun` launch (RANK, LOCAL_RANK and
 WORLD_SIZE), multi-node included. Each rank reads its own shard of every global batch
 (core/loaders.py's EpochSampler); only rank 0 logs and writes. A failing rank exits with its error and
-torchrun's agent stops the others. `--parallel dp` uses nn.DataParallel in one process instead,
-as happy-llm does. A CUDA out-of-memory error in a single process's first step is retried with half
+torchrun's agent stops the others. `--parallel fsdp` shards the model over those processes instead
+of copying it (core/parallel.py); `--parallel dp` uses nn.DataParallel in one process, as happy-llm does. A CUDA out-of-memory error in a single process's first step is retried with half
 the micro-batch and twice the accumulation (out_of_memory).
 """
 
@@ -31,7 +31,8 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    ddp: bool = False
+    ddp: bool = False  # one of several processes (a process group), whatever the model's wrapper
+    fsdp: bool = False  # --parallel fsdp: the model sharded over the processes rather than copied (DDP)
     dp_ids: list | None = None  # GPU ids for nn.DataParallel
     prep_group: object = None  # a gloo group with a long timeout, for waiting while data is tokenised
 
@@ -69,6 +70,9 @@ def relaunch_for_gpus(cfg, argv):
         if cfg.parallel == "dp":
             raise SystemExit("--parallel dp under torchrun: torchrun runs DDP, one process per GPU; drop --parallel dp")
         return None
+    if cfg.parallel == "fsdp" and (cfg.gpus is None or len(cfg.gpus.split(",")) < 2):
+        raise SystemExit(f"--parallel fsdp{f' --gpus {cfg.gpus}' if cfg.gpus else ''}: shards the model over several "
+                         "processes; pass --gpus 0,1 (or more), or run under torchrun --nproc_per_node N")
     if cfg.gpus is None:
         return None
     try:
@@ -88,7 +92,7 @@ def relaunch_for_gpus(cfg, argv):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(names[i] for i in ids), **{RELAUNCHED: cfg.gpus})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(ids)}",
            sys.argv[0], *argv]
-    print(f"launching {len(ids)} DDP processes on GPUs {cfg.gpus}: {' '.join(cmd[1:])}", flush=True)
+    print(f"launching {len(ids)} {cfg.parallel.upper()} processes on GPUs {cfg.gpus}: {' '.join(cmd[1:])}", flush=True)
     os.execve(sys.executable, cmd, env)  # replaced: Ctrl-C and exit codes go straight to torchrun
 
 
@@ -114,7 +118,8 @@ def setup_runtime(cfg, gpu_ids) -> Runtime:
                                 device_id=device if cuda else None)
         # tokenising a large corpus takes longer than any collective should: wait for it on its own group
         prep_group = dist.new_group(backend="gloo", timeout=timedelta(days=1))
-        return Runtime(device, rank, local_rank, world_size, ddp=True, prep_group=prep_group)
+        return Runtime(device, rank, local_rank, world_size, ddp=True, fsdp=cfg.parallel == "fsdp",
+                       prep_group=prep_group)
     if gpu_ids:
         rt = Runtime(torch.device(f"cuda:{gpu_ids[0]}"), dp_ids=gpu_ids if len(gpu_ids) > 1 else None)
     else:
@@ -177,11 +182,12 @@ class AutocastReplica(nn.Module):
 
 
 def wrap_model(model, rt, amp_dtype, compile_model):
-    """The model the training step calls: compiled and/or wrapped for DDP or DataParallel.
-    Checkpoints and evaluation use the unwrapped model, so no "_orig_mod."/"module." prefixes."""
+    """The model the training step calls: compiled and/or wrapped for DDP or DataParallel (an FSDP
+    model is sharded in place, core/parallel.py). Checkpoints and evaluation use the unwrapped model,
+    so no "_orig_mod."/"module." prefixes."""
     if compile_model:
         model = torch.compile(model)
-    if rt.ddp:
+    if rt.ddp and not rt.fsdp:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside
         # them, which saves a copy of every gradient (4 bytes per parameter). DDP turns gradients that
         # exist when it wraps the model into views of its buckets; train_step then zeroes them in place

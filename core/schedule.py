@@ -9,10 +9,10 @@ run ends inside the limit. A run resumed with a larger --max_steps / --epochs (o
 --time_limit) re-plans from where it is: the cosine goes on from the current learning rate down to
 its floor at the new last step (decay_start, decay_from).
 
-Resuming (resume_state) restores the state, the optimizer and each rank's random streams. The global
-batch a run began with is kept: on another number of processes --accumulation_steps is recomputed
-(the data order is global, so the same samples make each step), and a change that cannot keep it is
-refused in one line (keep_global_batch).
+Resuming (resume_state) restores the state, the loss scale and each rank's random streams (the
+optimizer's: core/parallel.py's load_optimizer). The global batch a run began with is kept: on
+another number of processes --accumulation_steps is recomputed (the data order is global, so the
+same samples make each step), and a change that cannot keep it is refused in one line (keep_global_batch).
 """
 
 import math
@@ -131,11 +131,9 @@ def keep_global_batch(cfg, world_size, saved) -> str | None:
                      f"product with {world_size} is {wanted}, or start a new run in another --out_dir")
 
 
-def resume_state(cfg, rt, saved, steps_per_epoch, optimizer, scaler, say=print) -> RunState:
-    """The state of the saved run (checkpoint.load_train_state), with its optimizer, scaler and RNG
-    restored. Unchanged flags continue it exactly; a changed --max_steps / --epochs / --time_limit
+def resume_state(cfg, rt, saved, steps_per_epoch, scaler, say=print) -> RunState:
+    """The state of the saved run (checkpoint.load_train_state), with its scaler and RNG restored. Unchanged flags continue it exactly; a changed --max_steps / --epochs / --time_limit
     re-plans its length."""
-    optimizer.load_state_dict(saved["optimizer"])
     if saved["scaler"] and scaler.is_enabled():  # a bf16 or fp32 run saves no loss scale; fp16 starts afresh
         scaler.load_state_dict(saved["scaler"])
     if len(saved["rng"]) == rt.world_size:

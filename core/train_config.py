@@ -112,8 +112,10 @@ class TrainConfig:
     dtype: str = arg("auto", "auto: bfloat16 where the hardware has it, else float16 on CUDA, float32 on CPU",
                      choices=["auto", "bfloat16", "float16", "float32"])
     gpus: str | None = arg(None, "comma-separated GPU ids, e.g. 0,1: one DDP process per GPU")
-    parallel: str = arg("ddp", "with several --gpus: ddp (one process per GPU) or dp (nn.DataParallel)",
-                        choices=["ddp", "dp"])
+    parallel: str = arg("ddp", "with several processes (--gpus 0,1, torchrun): ddp (each holds the whole model), fsdp "
+                               "(each holds a shard of the weights, gradients and AdamW state: for models that do not "
+                               "fit one GPU), or dp (nn.DataParallel in one process, with --gpus)",
+                        choices=["ddp", "fsdp", "dp"])
     compile: bool | None = arg(None, "torch.compile the model; None: on for CUDA, off on the CPU (little gain there)")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward pass instead of "
                                                 "keeping them: a larger --batch_size fits, for ~1/3 more compute")
@@ -186,7 +188,22 @@ def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> T
         raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
     cfg = resolve_model_size(cfg, embedded_run="data_path" not in given)
     check_lora_and_dpo(cfg)
+    check_sharding(cfg)
     return cfg
+
+
+def check_sharding(cfg):
+    """What --parallel fsdp rules out: under it each process holds only a shard of every matrix."""
+    if cfg.parallel != "fsdp":
+        return
+    # refused rather than gathered: Muon orthogonalises each whole update matrix (core/optim.py), and
+    # gathering every matrix onto every process at each step would give back the memory FSDP saves
+    if cfg.optimizer == "muon":
+        raise SystemExit("--optimizer muon with --parallel fsdp: Muon needs whole matrices and FSDP keeps only shards "
+                         "of them on each process; pass --optimizer adamw")
+    if cfg.lora_rank:
+        raise SystemExit("--lora_rank with --parallel fsdp: the frozen model and its small adapters fit where DDP "
+                         "fits; drop --parallel fsdp")
 
 
 def check_lora_and_dpo(cfg):

@@ -16,8 +16,8 @@ Steps, warmup_iters, eval/log/save intervals and max_steps all count optimizer s
 
 The loss of a step is the mean over every trained token of the whole global batch: each micro-batch
 returns its summed loss (model(..., reduction="sum")) and is divided by the number of trained
-tokens of all micro-batches on all ranks (counted before the first backward, all-reduced under
-DDP). A mean per micro-batch would weigh a token of a short SFT batch more than one of a long
+tokens of all micro-batches on all ranks (counted before the first backward, all-reduced over
+the processes). A mean per micro-batch would weigh a token of a short SFT batch more than one of a long
 batch, and the result would depend on how the batch is split.
 
 The plan (the LR schedule, the state saved with each checkpoint, the --time_limit budget) is in
@@ -28,6 +28,7 @@ preference loss is another, on the same loop. With --lora_rank the model's weigh
 only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
 
 Where the rest lives: train_config.py (the flags), runtime.py (devices, DDP, mixed precision),
+parallel.py (FSDP, gradient sync, saving each kind of run),
 dataset.py (the datasets), loaders.py (their split and loaders), checkpoint.py (saving, resuming,
 loading; the weights a run starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
 """
@@ -48,7 +49,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from core import checkpoint
+from core import checkpoint, parallel
 from core.loaders import eval_loader, load_datasets, train_loader
 from core.optim import make_optimizer
 from core.runtime import (Runtime, all_reduce, autocast, autocast_dtype, check_same_on_every_rank, out_of_memory,
@@ -98,13 +99,11 @@ def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp, units=
     loss_sum = torch.zeros((), device=rt.device)
     for i, batch in enumerate(micro_batches):
         x, y, mask = to_device(batch, rt.device)
-        # DDP averages gradients over ranks in the last backward only; the earlier ones accumulate locally
-        sync = model.no_sync() if rt.ddp and i < len(micro_batches) - 1 else nullcontext()
-        with sync:
+        with parallel.gradient_sync(model, rt, last=i == len(micro_batches) - 1):
             with amp:
                 _, loss = model(x, y, mask, reduction="sum")
             loss = loss.sum()  # nn.DataParallel returns one sum per GPU
-            # DDP divides the summed gradients by world_size: multiply it back
+            # DDP and FSDP divide the summed gradients by world_size: multiply it back
             scaler.scale(loss * rt.world_size / max(n_trained, 1)).backward()
         loss_sum += loss.detach()
     step_loss = all_reduce([loss_sum.item()], rt).item() / max(n_trained, 1)
@@ -113,12 +112,13 @@ def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp, units=
     scaler.unscale_(optimizer)  # the true gradients, not the fp16-scaled ones
     # the norm, clipped or not: a finite loss can still have an overflowing backward, and one such
     # update would turn every weight into NaN. (With fp16 the scaler skips those steps itself.)
+    # Under FSDP the gradients are shards (DTensors): the norm is of the whole, the same on every rank.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
         return step_loss, n_real, grad_norm
     scaler.step(optimizer)  # skips the update if fp16 gradients overflowed
     scaler.update()
-    optimizer.zero_grad(set_to_none=not rt.ddp)  # under DDP the gradients are views of its buckets: keep them
+    optimizer.zero_grad(set_to_none=rt.fsdp or not rt.ddp)  # DDP's are views of its buckets: kept
     return step_loss, n_real, grad_norm
 
 
@@ -237,6 +237,8 @@ def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
     torch.manual_seed(cfg.seed + rt.rank)  # from here on, each rank its own stream (dropout)
     random.seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
+    if rt.fsdp:  # before the optimizer is made: it updates the shards
+        parallel.shard_model(raw_model, amp_dtype)
     optimizer = make_optimizer(raw_model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
 
@@ -250,7 +252,8 @@ def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
                          f"one global batch of {global_batch} (batch_size x accumulation_steps x processes); "
                          "lower --batch_size or --accumulation_steps")
     if saved is not None:
-        state = resume_state(cfg, rt, saved, steps_per_epoch, optimizer, scaler, partial(say, rt))
+        parallel.load_optimizer(raw_model, optimizer, resume_from, saved, rt)
+        state = resume_state(cfg, rt, saved, steps_per_epoch, scaler, partial(say, rt))
     else:
         state = RunState(total_steps=cfg.max_steps or cfg.epochs * steps_per_epoch,
                          planned=not (cfg.time_limit and cfg.fit_schedule))
@@ -265,6 +268,9 @@ def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
            if cfg.lora_rank else ""))
     say(rt, f"data: {len(train_ds):,} training / {len(val_ds):,} validation samples of <= {cfg.max_seq_len + 1} "
         f"tokens; {steps_per_epoch:,} steps per epoch of {global_batch} samples")
+    if rt.fsdp and evals:
+        say(rt, f"--parallel fsdp: {', '.join(evals)} not measured while training (rank 0 alone cannot run a "
+            "sharded model); measure the checkpoints with eval.py")
     val_loader = eval_loader(val_ds, cfg, rt)
     tokenizer = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
     loss_model = objective.module(raw_model, cfg)
@@ -281,7 +287,7 @@ def validate(run, tag) -> dict:
     """Validation (all ranks), then the extra evals (rank 0), logged at the current step."""
     started = time.time()
     result = evaluate(run.loss_model, run.val_loader, run.rt, run.amp, run.val_chars, run.objective.units)
-    if run.rt.master and run.evals:
+    if run.rt.master and run.evals and not run.rt.fsdp:  # rank 0 alone cannot run a sharded model
         run.raw_model.eval()
         result.update({name: fn(run.raw_model) for name, fn in run.evals.items()})
         run.raw_model.train()
@@ -293,16 +299,8 @@ def validate(run, tag) -> dict:
 
 
 def save(run):
-    """A checkpoint of the run as it is now (every rank calls this: each contributes its RNG state)."""
-    rng = [checkpoint.rng_state()]
-    if run.rt.ddp:  # every rank's RNG, so each resumes its own dropout stream
-        rng = [None] * run.rt.world_size
-        dist.all_gather_object(rng, checkpoint.rng_state())
-    if run.rt.master:
-        train_state = {**asdict(run.state), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-                       "rng": rng, "config": asdict(run.cfg)}
-        checkpoint.save_checkpoint(run.cfg.out_dir, run.raw_model, run.state.step, train_state, run.cfg.tokenizer_dir,
-                                   keep=run.cfg.keep_checkpoints)
+    """A checkpoint of the run as it is now (every rank calls this)."""
+    parallel.save(run.cfg, run.rt, run.raw_model, run.optimizer, run.scaler, run.state)
 
 
 def replan_steps(run, bar):
