@@ -13,10 +13,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import REPO, TINY, assert_one_line_error, records, script
 
 import dataset
-from core import locks, runtime, train_config
+from core import checkpoint, locks, runtime, train_config
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,89 @@ def test_two_builds_of_one_store_at_once_tokenise_once(tmp_path, pretrain_jsonl,
     held.close()
     waiting.join(timeout=60)
     assert len(second["store"]) == len(first) and "tokenising" not in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# --parallel fsdp: two gloo processes on the CPU, fp32 (FSDP2's collectives run on gloo too)
+
+# two micro-batches a step: the first accumulates without a reduce-scatter, the second syncs
+FSDP_RUN = ["--max_steps", 4, "--save_interval", 2, "--accumulation_steps", 2, "--optimizer", "adamw"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, cache, pretrain_jsonl):
+    """An uninterrupted FSDP run of 4 steps on 2 processes, checkpointed at steps 2 and 4."""
+    cwd = tmp_path_factory.mktemp("fsdp")
+    torchrun(2, "--data_path", pretrain_jsonl, *FSDP_RUN, "--parallel", "fsdp", "--out_dir", "whole", cwd=cwd,
+             cache=cache)
+    return cwd / "whole"
+
+
+def test_fsdp_trains_as_ddp_does(fsdp_run, tmp_path, cache, pretrain_jsonl):
+    torchrun(2, "--data_path", pretrain_jsonl, *FSDP_RUN, "--out_dir", "ddp", cwd=tmp_path, cache=cache)
+    for key in ("loss", "grad_norm"):  # the norm of the sharded gradients is the whole gradient's
+        fsdp, ddp = records(fsdp_run, key), records(tmp_path / "ddp", key)
+        assert list(fsdp) == [1, 2, 3, 4] and [fsdp[s] for s in fsdp] == pytest.approx([ddp[s] for s in fsdp], rel=1e-4)
+    assert (fsdp_run / "ckpt-0000004" / "optimizer" / ".metadata").is_file()  # the AdamW state in shards
+    assert "optimizer" not in checkpoint.load_train_state(fsdp_run / "ckpt-0000004")
+    assert not list(fsdp_run.glob(".tmp-*"))  # every temporary directory renamed into place
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+def test_fsdp_checkpoint_resumes_exactly(fsdp_run, tmp_path, cache, pretrain_jsonl, processes):
+    # 2: FSDP again, the shards read as they were written; 1: one process without FSDP, DCP reading
+    # the shards into whole tensors (and --accumulation_steps doubled to keep the global batch)
+    shutil.copytree(fsdp_run / "ckpt-0000002", tmp_path / "resumed" / "ckpt-0000002")
+    args = ["--data_path", pretrain_jsonl, *FSDP_RUN, "--out_dir", "resumed", "--resume"]
+    if processes == 2:
+        torchrun(2, *args, "--parallel", "fsdp", cwd=tmp_path, cache=cache)
+    else:
+        script("pretrain.py", *args, cwd=tmp_path, cache=cache)
+    whole, resumed = records(fsdp_run, "loss"), records(tmp_path / "resumed", "loss")
+    assert list(resumed) == [3, 4] and [resumed[s] for s in (3, 4)] == pytest.approx([whole[s] for s in (3, 4)],
+                                                                                      rel=1e-6)
+
+
+SHARDED_SAVE = """
+import sys, types, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+from core import checkpoint, parallel
+from core.runtime import Runtime
+dist.init_process_group("gloo")
+rt = Runtime(torch.device("cpu"), dist.get_rank(), dist.get_rank(), dist.get_world_size(), ddp=True, fsdp=True)
+torch.manual_seed(0)
+model = checkpoint.build_model("k", dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16, vocab_size=128)
+parallel.shard_model(model, torch.float32)
+optimizer = torch.optim.AdamW(model.parameters())  # of the shards, made right after sharding as the trainer does
+whole = {{name: p.full_tensor() for name, p in model.named_parameters()}}  # gathered by hand, shard by shard
+tokens = torch.arange(16)[None] * 7 % 128
+logits, _ = model(tokens)
+cfg = types.SimpleNamespace(out_dir="run", tokenizer_dir={tokenizer!r}, keep_checkpoints=1)
+parallel.save_sharded(cfg, rt, model, optimizer, 1, {{}})
+if rt.master:
+    torch.save({{"logits": logits.detach(), "tokens": tokens, "whole": whole}}, "sharded.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_checkpoint_loads_whole_everywhere(tmp_path, cache, fsdp_run):
+    wrapper = tmp_path / "sharded_save.py"
+    wrapper.write_text(SHARDED_SAVE.format(repo=str(REPO), tokenizer=str(REPO / "tokenizer_k")))
+    torchrun(2, cwd=tmp_path, cache=cache, script_path=wrapper)
+    sharded = torch.load(tmp_path / "sharded.pt")
+    model = checkpoint.load_model(tmp_path / "run")  # what model_sample, eval, serve, export and --init_from read
+    assert model.output.weight is model.tok_embeddings.weight  # the tie survives the gather
+    assert all(torch.equal(model.state_dict()[name], p) for name, p in sharded["whole"].items())
+    assert torch.allclose(model(sharded["tokens"])[0], sharded["logits"], atol=1e-6)
+    done = subprocess.run([sys.executable, "model_sample.py", "--ckpt", str(fsdp_run), "--mode", "pretrain",
+                           "--prompt", "人工智能", "--max_new_tokens", "4", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ckpt-0000004" in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--parallel", "fsdp", "--optimizer", "muon"], ["Muon needs whole matrices", "pass --optimizer adamw"]),
+    (["--parallel", "fsdp", "--optimizer", "adamw"], ["--parallel fsdp", "run under torchrun"])])
+def test_fsdp_refusals_are_one_line(tmp_path, cache, pretrain_jsonl, flags, fragments):
+    done = script("pretrain.py", "--data_path", pretrain_jsonl, *flags, cwd=tmp_path, cache=cache, check=False)
+    assert_one_line_error(done, *fragments)
