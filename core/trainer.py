@@ -413,6 +413,8 @@ def log_steps(run, logged, lr, grad_norm, bar) -> list:
     record = {"step": run.state.step, "epoch": run.state.epoch, "loss": sum(losses) / len(losses), "lr": lr,
               "grad_norm": grad_norm, "tokens_per_s": sum(tokens) / max(sum(seconds), 1e-9),
               "tokens": run.state.tokens, "elapsed_s": time.time() - run.start_time}
+    if run.rt.device.type == "cuda":  # rank 0's peak so far: the headroom a larger --batch_size could use
+        record["peak_gib"] = torch.cuda.max_memory_allocated(run.rt.device) / 2**30
     run.tracker.log(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
     return []
