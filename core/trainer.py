@@ -268,9 +268,6 @@ def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
            if cfg.lora_rank else ""))
     say(rt, f"data: {len(train_ds):,} training / {len(val_ds):,} validation samples of <= {cfg.max_seq_len + 1} "
         f"tokens; {steps_per_epoch:,} steps per epoch of {global_batch} samples")
-    if rt.fsdp and evals:
-        say(rt, f"--parallel fsdp: {', '.join(evals)} not measured while training (rank 0 alone cannot run a "
-            "sharded model); measure the checkpoints with eval.py")
     val_loader = eval_loader(val_ds, cfg, rt)
     tokenizer = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
     loss_model = objective.module(raw_model, cfg)
@@ -350,6 +347,9 @@ def run_loop(run: Run) -> dict:
     bar = tqdm(total=state.total_steps if state.planned else None, initial=state.step, unit="step",
                dynamic_ncols=True, disable=not rt.master)
     run.raw_model.train()
+    if rt.fsdp and run.evals:
+        say(rt, f"--parallel fsdp: {', '.join(run.evals)} not measured while training (rank 0 alone cannot run a "
+            "sharded model); measure the checkpoints with eval.py")
     before = latest = validate(run, "before training")  # `latest`: the evaluation of the current step, if any
     data, logged = None, []  # logged: (loss, real tokens, seconds) of the steps since the last log record
     while state.step < state.total_steps:
