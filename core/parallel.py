@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from core import checkpoint
+
+# torch.distributed.fsdp and torch.distributed.checkpoint (DCP) are imported in the functions that use
+# them: together they take about a second to import, which a run without FSDP need not pay
 
 OPTIMIZER_DIR = "optimizer"  # the DCP shards of an FSDP run's optimizer state, inside its checkpoint dir
 
@@ -44,6 +43,8 @@ def shard_model(model, amp_dtype):
     the embedding, so the tied matrix lives in one unit, the root's, and stays one parameter.
     The weights and the optimizer state stay fp32 shards; with bf16 autocast the gathered copies
     are bf16 (half the communication and memory), and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     if amp_dtype == torch.float16:  # its loss scale would have to agree across the shards' overflow checks
         raise SystemExit("--parallel fsdp with float16 autocast (--dtype float16, or auto on a GPU without bf16): "
                          "not supported; pass --dtype float32, or --dtype bfloat16 on a GPU that has it")
@@ -62,6 +63,8 @@ def gradient_sync(model, rt, last):
     set_requires_gradient_sync (model may be compiled or wrapped, so every unit inside is set);
     one process: nothing to average."""
     if rt.fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_requires_gradient_sync(last, recurse=False)
@@ -88,6 +91,9 @@ def save_sharded(cfg, rt, model, optimizer, step, train_state):
     """An FSDP checkpoint, as atomic as any other: every rank writes its optimizer shards into one
     temporary directory that rank 0 names, and rank 0, once all are written, adds the rest and
     renames it into place. The directory must be on a filesystem every node sees."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
     # the whole weights, gathered shard by shard to rank 0's CPU (the other ranks get nothing)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     target = Path(cfg.out_dir) / f"ckpt-{step:07d}"
@@ -115,6 +121,9 @@ def load_optimizer(model, optimizer, ckpt, saved, rt):
                              "to start a new FSDP run from its weights")
         optimizer.load_state_dict(saved["optimizer"])
         return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
     shards = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # this run's layout, filled in place
     dcp.load(shards, checkpoint_id=Path(ckpt) / OPTIMIZER_DIR)
     set_optimizer_state_dict(model, optimizer, shards["optimizer"])
