@@ -18,7 +18,7 @@ from test_train import REPO, TINY, assert_one_line_error, records, script
 
 import dataset
 import model_sample
-from core import checkpoint, locks, runtime, train_config
+from core import checkpoint, locks, parallel, runtime, train_config
 
 
 @pytest.fixture(scope="module")
@@ -214,4 +214,13 @@ def test_fsdp_refusals_are_one_line(monkeypatch, flags, fragment):
     argv = ["--parallel", "fsdp", *flags, "--tokenizer_dir", str(REPO / "tokenizer_k")]
     with pytest.raises(SystemExit, match=fragment) as refused:
         runtime.relaunch_for_gpus(train_config.parse_config(argv, "", {}, {}), argv)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_checkpoint_without_shards_is_not_resumed_under_fsdp():
+    # its optimizer state is one file indexed by parameter, not shards by name: --init_from starts afresh
+    rt = runtime.Runtime(torch.device("cpu"), world_size=2, ddp=True, fsdp=True)
+    with pytest.raises(SystemExit, match="out/ckpt-0000002: saved by a run without --parallel fsdp .* pass --init_from "
+                                         "out/ckpt-0000002") as refused:
+        parallel.load_optimizer(None, None, Path("out/ckpt-0000002"), {"optimizer": {"state": {}}}, rt)
     assert "\n" not in str(refused.value)
