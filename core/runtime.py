@@ -7,8 +7,9 @@ listed GPU; the script also runs unchanged under any `torchrun` launch (RANK, LO
 WORLD_SIZE), multi-node included. Each rank reads its own shard of every global batch
 (core/loaders.py's EpochSampler); only rank 0 logs and writes. A failing rank exits with its error and
 torchrun's agent stops the others. `--parallel fsdp` shards the model over those processes instead
-of copying it (core/parallel.py); `--parallel dp` uses nn.DataParallel in one process, as happy-llm does. A CUDA out-of-memory error in a single process's first step is retried with half
-the micro-batch and twice the accumulation (out_of_memory).
+of copying it (core/parallel.py); `--parallel dp` uses nn.DataParallel in one process, as happy-llm
+does. A CUDA out-of-memory error in a single process's first step is retried with half the
+micro-batch and twice the accumulation (out_of_memory).
 """
 
 import hashlib

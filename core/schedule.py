@@ -132,8 +132,9 @@ def keep_global_batch(cfg, world_size, saved) -> str | None:
 
 
 def resume_state(cfg, rt, saved, steps_per_epoch, scaler, say=print) -> RunState:
-    """The state of the saved run (checkpoint.load_train_state), with its scaler and RNG restored. Unchanged flags continue it exactly; a changed --max_steps / --epochs / --time_limit
-    re-plans its length."""
+    """The state of the saved run (checkpoint.load_train_state), with its scaler and RNG restored.
+    Unchanged flags continue it exactly; a changed --max_steps / --epochs / --time_limit re-plans
+    its length."""
     if saved["scaler"] and scaler.is_enabled():  # a bf16 or fp32 run saves no loss scale; fp16 starts afresh
         scaler.load_state_dict(saved["scaler"])
     if len(saved["rng"]) == rt.world_size:

@@ -16,9 +16,9 @@ Steps, warmup_iters, eval/log/save intervals and max_steps all count optimizer s
 
 The loss of a step is the mean over every trained token of the whole global batch: each micro-batch
 returns its summed loss (model(..., reduction="sum")) and is divided by the number of trained
-tokens of all micro-batches on all ranks (counted before the first backward, all-reduced over
-the processes). A mean per micro-batch would weigh a token of a short SFT batch more than one of a long
-batch, and the result would depend on how the batch is split.
+tokens of all micro-batches on all ranks (counted before the first backward, all-reduced over the
+processes). A mean per micro-batch would weigh a token of a short SFT batch more than one of a
+long batch, and the result would depend on how the batch is split.
 
 The plan (the LR schedule, the state saved with each checkpoint, the --time_limit budget) is in
 schedule.py; a resumed run follows the plan it saved, or re-plans when asked for more steps.
@@ -28,7 +28,7 @@ preference loss is another, on the same loop. With --lora_rank the model's weigh
 only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
 
 Where the rest lives: train_config.py (the flags), runtime.py (devices, DDP, mixed precision),
-parallel.py (FSDP, gradient sync, saving each kind of run),
+parallel.py (FSDP, the gradient sync of accumulated steps, saving and resuming each kind of run),
 dataset.py (the datasets), loaders.py (their split and loaders), checkpoint.py (saving, resuming,
 loading; the weights a run starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
 """

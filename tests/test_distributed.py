@@ -206,7 +206,7 @@ def test_fsdp_checkpoint_loads_whole_everywhere(tmp_path, cache, fsdp_run, monke
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--optimizer", "muon"], "--optimizer muon with --parallel fsdp: Muon needs whole matrices .* pass --optimizer adamw"),
+    (["--optimizer", "muon"], "--optimizer muon with --parallel fsdp: Muon needs whole matrices .* --optimizer adamw"),
     (["--lora_rank", "8", "--resume"], "--lora_rank with --parallel fsdp: .* drop --parallel fsdp"),
     (["--optimizer", "adamw"], "--parallel fsdp: shards the model over several processes; .* run under torchrun")])
 def test_fsdp_refusals_are_one_line(monkeypatch, flags, fragment):
