@@ -186,6 +186,7 @@ cfg = types.SimpleNamespace(out_dir="run", tokenizer_dir={tokenizer!r}, keep_che
 parallel.save_sharded(cfg, rt, model, optimizer, 1, {{}})
 if rt.master:
     torch.save({{"logits": logits.detach(), "tokens": tokens, "whole": whole}}, "sharded.pt")
+dist.barrier()  # both ranks done before the group goes, as the trainer's finish does
 dist.destroy_process_group()
 """
 
