@@ -4,6 +4,7 @@ What the training loop reads: the datasets of a run (dataset.py's, from the embe
 and the DataLoaders that deal them out to the processes of a run.
 """
 
+import hashlib
 import itertools
 import math
 from functools import partial
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from core import corpus
-from core.runtime import local_rank_zero_first
+from core.runtime import all_reduce, local_rank_zero_first
 from dataset import DocumentDataset, PretrainDataset, ReplayDataset, SFTDataset, build_store, collate_batch
 
 
@@ -122,3 +123,16 @@ def eval_loader(ds, cfg, rt):
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=range(rt.rank, n, rt.world_size),
                                        collate_fn=partial(collate_batch, max_width=cfg.max_seq_len), num_workers=0,
                                        generator=torch.Generator())  # see train_loader
+
+
+def sample_digest(sample) -> str:
+    """A short hash of one (X, Y, loss_mask) sample: which tokens a rank's store holds."""
+    return hashlib.sha1(b"".join(torch.as_tensor(t).numpy().tobytes() for t in sample)).hexdigest()[:16]
+
+
+def text_chars(loader, tokenizer, rt) -> int:
+    """Characters of the text behind the trained targets of all ranks' validation samples: the
+    denominator of bits per character. The samples are the same at every evaluation: counted once."""
+    chars = sum(len(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True))
+                for _, y, mask in loader for row, m in zip(y, mask))
+    return int(all_reduce([chars], rt).item())

@@ -72,14 +72,15 @@ def gradient_sync(model, rt, last):
     return model.no_sync() if rt.ddp and not last else nullcontext()
 
 
-def save(cfg, rt, model, optimizer, scaler, state):
-    """A checkpoint of the run as it is now. Every rank calls this: each contributes its RNG state
-    (so each resumes its own dropout stream) and, under FSDP, its shards."""
+def save(cfg, rt, model, optimizer, scaler, state, extra=None):
+    """A checkpoint of the run as it is now, with `extra` in its train_state (the objective's state).
+    Every rank calls this: each contributes its RNG state (so each resumes its own dropout stream)
+    and, under FSDP, its shards."""
     rng = [checkpoint.rng_state()]
     if rt.ddp:
         rng = [None] * rt.world_size
         dist.all_gather_object(rng, checkpoint.rng_state())
-    train_state = {**asdict(state), "scaler": scaler.state_dict(), "rng": rng, "config": asdict(cfg)}
+    train_state = {**asdict(state), "scaler": scaler.state_dict(), "rng": rng, "config": asdict(cfg), **(extra or {})}
     if rt.fsdp:
         save_sharded(cfg, rt, model, optimizer, state.step, train_state)
     elif rt.master:

@@ -33,7 +33,6 @@ dataset.py (the datasets), loaders.py (their split and loaders), checkpoint.py (
 loading; the weights a run starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
 """
 
-import hashlib
 import math
 import random
 import sys
@@ -50,7 +49,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from core import checkpoint, parallel
-from core.loaders import eval_loader, load_datasets, train_loader
+from core.loaders import eval_loader, load_datasets, sample_digest, text_chars, train_loader
 from core.optim import make_optimizer
 from core.runtime import (Runtime, all_reduce, autocast, autocast_dtype, check_same_on_every_rank, out_of_memory,
                           relaunch_for_gpus, setup_runtime, wrap_model)
@@ -84,24 +83,38 @@ class Objective:
         """What the loss is a mean over: the trained tokens."""
         return loss_mask.sum()
 
+    def micro_batches(self, model, batches, step):
+        """What step `step` trains on, made from the loader's micro-batches with the bare model (grpo.py
+        samples replies to the prompts dealt); each a tuple (X, Y, loss_mask, *more inputs of module)."""
+        return batches
+
+    def state_dict(self) -> dict:  # what a checkpoint keeps of the objective (grpo.py's rollouts) ...
+        return {}
+
+    def load_state_dict(self, state):  # ... and gives back to it on --resume
+        pass
+
+    def log_metrics(self) -> dict:  # figures of the steps since the last training record (grpo.py's rewards)
+        return {}
+
 
 def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp, units=Objective.units):
-    """One optimizer step over the micro-batches [(X, Y, loss_mask)] of this rank.
+    """One optimizer step over the micro-batches [(X, Y, loss_mask, *more)] of this rank.
     Returns (mean loss over all trained tokens (units) of the global batch, non-padding input tokens,
     gradient norm before clipping)."""
     # the trained tokens (units) of the whole global batch, known before the first backward
-    counts = all_reduce([sum(float(units(m)) for _, _, m in micro_batches),
-                         sum(float((x != 0).sum()) for x, _, _ in micro_batches)], rt)  # pad id 0 is never a real token
+    counts = all_reduce([sum(float(units(m)) for _, _, m, *_ in micro_batches),
+                         sum(float((x != 0).sum()) for x, *_ in micro_batches)], rt)  # pad id 0 is never a real token
     n_trained, n_real = counts.tolist()
     n_real = int(n_real)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     loss_sum = torch.zeros((), device=rt.device)
     for i, batch in enumerate(micro_batches):
-        x, y, mask = to_device(batch, rt.device)
+        x, y, mask, *more = to_device(batch, rt.device)
         with parallel.gradient_sync(model, rt, last=i == len(micro_batches) - 1):
             with amp:
-                _, loss = model(x, y, mask, reduction="sum")
+                _, loss = model(x, y, mask, *more, reduction="sum")
             loss = loss.sum()  # nn.DataParallel returns one sum per GPU
             # DDP and FSDP divide the summed gradients by world_size: multiply it back
             scaler.scale(loss * rt.world_size / max(n_trained, 1)).backward()
@@ -120,14 +133,6 @@ def train_step(model, optimizer, scaler, micro_batches, lr, cfg, rt, amp, units=
     scaler.update()
     optimizer.zero_grad(set_to_none=rt.fsdp or not rt.ddp)  # DDP's are views of its buckets: kept
     return step_loss, n_real, grad_norm
-
-
-def text_chars(loader, tokenizer, rt) -> int:
-    """Characters of the text behind the trained targets of all ranks' validation samples: the
-    denominator of bits per character. The samples are the same at every evaluation: counted once."""
-    chars = sum(len(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True))
-                for _, y, mask in loader for row, m in zip(y, mask))
-    return int(all_reduce([chars], rt).item())
 
 
 @torch.no_grad()
@@ -159,11 +164,6 @@ def evaluate(model, loader, rt, amp, chars=None, units=Objective.units) -> dict:
 
 
 PATH_FIELDS = ("data_path", "replay_path", "tokenizer_dir", "init_from", "out_dir", "cache_dir")
-
-
-def sample_digest(sample) -> str:
-    """A short hash of one (X, Y, loss_mask) sample: which tokens a rank's store holds."""
-    return hashlib.sha1(b"".join(torch.as_tensor(t).numpy().tobytes() for t in sample)).hexdigest()[:16]
 
 
 def say(rt, message):
@@ -254,6 +254,7 @@ def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
     if saved is not None:
         parallel.load_optimizer(raw_model, optimizer, resume_from, saved, rt)
         state = resume_state(cfg, rt, saved, steps_per_epoch, scaler, partial(say, rt))
+        objective.load_state_dict(saved.get("objective", {}))
     else:
         state = RunState(total_steps=cfg.max_steps or cfg.epochs * steps_per_epoch,
                          planned=not (cfg.time_limit and cfg.fit_schedule))
@@ -297,7 +298,8 @@ def validate(run, tag) -> dict:
 
 def save(run):
     """A checkpoint of the run as it is now (every rank calls this)."""
-    parallel.save(run.cfg, run.rt, run.raw_model, run.optimizer, run.scaler, run.state)
+    parallel.save(run.cfg, run.rt, run.raw_model, run.optimizer, run.scaler, run.state,
+                  {"objective": run.objective.state_dict()})
 
 
 def replan_steps(run, bar):
@@ -363,9 +365,10 @@ def run_loop(run: Run) -> dict:
             state.epoch, state.position, data = state.epoch + 1, 0, None
         if data is None:
             data = iter(train_loader(run.train_ds, cfg, rt, state.epoch, state.position))
-        micro_batches = [next(data) for _ in range(cfg.accumulation_steps)]
         lr = state.lr(cfg)
-        try:
+        try:  # making the micro-batches may take memory too (grpo.py samples replies with the model)
+            dealt = [next(data) for _ in range(cfg.accumulation_steps)]
+            micro_batches = run.objective.micro_batches(run.raw_model, dealt, state.step)
             loss, n_real, grad_norm = train_step(run.model, run.optimizer, run.scaler, micro_batches, lr, cfg, rt,
                                                  run.amp, run.objective.units)
         except torch.OutOfMemoryError:
@@ -412,7 +415,7 @@ def log_steps(run, logged, lr, grad_norm, bar) -> list:
     losses, tokens, seconds = zip(*logged)
     record = {"step": run.state.step, "epoch": run.state.epoch, "loss": sum(losses) / len(losses), "lr": lr,
               "grad_norm": grad_norm, "tokens_per_s": sum(tokens) / max(sum(seconds), 1e-9),
-              "tokens": run.state.tokens, "elapsed_s": time.time() - run.start_time}
+              "tokens": run.state.tokens, "elapsed_s": time.time() - run.start_time, **run.objective.log_metrics()}
     if run.rt.device.type == "cuda":  # rank 0's peak so far: the headroom a larger --batch_size could use
         record["peak_gib"] = torch.cuda.max_memory_allocated(run.rt.device) / 2**30
     run.tracker.log(record)
