@@ -234,18 +234,8 @@ class DPO(Objective):
     def module(self, model, cfg):
         if lora.has_adapters(model):
             return DPOLoss(model, None, cfg.beta, cfg.sft_weight)
-        start = cfg.init_from
-        if cfg.resume:  # the reference is the model the run started from, saved with its config
-            start = checkpoint.load_train_state(checkpoint.latest_checkpoint(cfg.out_dir))["config"]["init_from"]
-        ckpt = checkpoint.latest_checkpoint(start)
-        if ckpt is None:
-            raise SystemExit(f"dpo.py: the reference model {start} (the run's --init_from) is gone; put it back")
-        reference = checkpoint.build_model(cfg.model_type, **cfg.model_config())
-        try:
-            checkpoint.load_weights(reference, ckpt)
-        except ValueError as e:
-            raise SystemExit(f"dpo.py: the reference {e}") from None
-        return DPOLoss(model, reference.to(next(model.parameters()).device), cfg.beta, cfg.sft_weight)
+        reference = checkpoint.frozen_start(cfg, next(model.parameters()).device, "dpo.py")
+        return DPOLoss(model, reference, cfg.beta, cfg.sft_weight)
 
     @staticmethod
     def units(loss_mask):

@@ -356,6 +356,23 @@ def load_start(raw_model, cfg, start, resumed):
         raise SystemExit(f"{'--resume' if resumed else '--init_from'} {e}") from None
 
 
+def frozen_start(cfg, device, command):
+    """A frozen copy of the model a run started from (its --init_from; on --resume, the one saved with
+    the run's config), on device: the reference of dpo.py and grpo.py without LoRA."""
+    start = cfg.init_from
+    if cfg.resume:
+        start = load_train_state(latest_checkpoint(cfg.out_dir))["config"]["init_from"]
+    ckpt = latest_checkpoint(start)
+    if ckpt is None:
+        raise SystemExit(f"{command}: the reference model {start} (the run's --init_from) is gone; put it back")
+    reference = build_model(cfg.model_type, **cfg.model_config())
+    try:
+        load_weights(reference, ckpt)
+    except ValueError as e:
+        raise SystemExit(f"{command}: the reference {e}") from None
+    return reference.to(device).requires_grad_(False).eval()
+
+
 # -----------------------------------------------------------------------------
 # random number generators, for exact resume
 
