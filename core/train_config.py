@@ -93,7 +93,7 @@ class TrainConfig:
                                "schedule scales it as it scales --learning_rate)")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = arg(42, "seed of the initial weights and the data order")
-    # LoRA (lora.py) and DPO (dpo.py)
+    # LoRA (lora.py), DPO (dpo.py) and GRPO (grpo.py)
     lora_rank: int = arg(0, "LoRA: freeze the --init_from model and train rank-r adapters W + (alpha/r)*B*A "
                             "instead (sft.py then defaults to --init_from out/sft, else out/pretrain, --out_dir out/lora, "
                             "--learning_rate 2e-3, and --lora_embeddings when the base has not been through SFT); "
@@ -104,9 +104,17 @@ class TrainConfig:
     lora_dropout: float = arg(0.0, "LoRA: dropout on the adapters' input")
     lora_embeddings: bool = arg(False, "LoRA: also train the token embedding (tied to the output head) in full, "
                                        "saved as peft's modules_to_save")
-    beta: float = arg(0.1, "DPO: how far the policy may move from the reference (larger: closer to it)")
+    beta: float = arg(0.1, "DPO, GRPO: how far the policy may move from the reference (larger: closer to it; "
+                           "GRPO: the weight of its KL term, 0 switches the term and the reference off)")
     sft_weight: float = arg(0.0, "DPO: add this times the chosen reply's mean token NLL to the loss (RPO), "
                                  "which keeps DPO from lowering the chosen reply's likelihood")
+    reward: str | None = arg(None, "GRPO: the reward, a name in core/rewards.py (sentiment, arithmetic) or "
+                                   "path/to/file.py:function; None: sentiment, or arithmetic with --data_path")
+    num_generations: int = arg(8, "GRPO: replies sampled per prompt (the group whose rewards are compared)")
+    grpo_iterations: int = arg(1, "GRPO: optimizer steps on each batch of replies (mu; above 1 the clip acts)")
+    epsilon: float = arg(0.2, "GRPO: clip the policy ratio to [1 - epsilon, 1 + epsilon] (PPO's clip)")
+    temperature: float = arg(1.0, "GRPO: the sampling temperature of the replies")
+    max_new_tokens: int = arg(256, "GRPO: the longest reply sampled")
     # hardware
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = arg("auto", "auto: bfloat16 where the hardware has it, else float16 on CUDA, float32 on CPU",
@@ -187,7 +195,7 @@ def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> T
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
     cfg = resolve_model_size(cfg, embedded_run="data_path" not in given)
-    check_lora_and_dpo(cfg)
+    check_post_training(cfg)
     check_sharding(cfg)
     return cfg
 
@@ -206,25 +214,30 @@ def check_sharding(cfg):
                          "fits; drop --parallel fsdp")
 
 
-def check_lora_and_dpo(cfg):
+def check_post_training(cfg):
     """The LoRA and DPO flags: sane values, and a trained model to start from."""
-    if (cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1 or cfg.beta <= 0
-            or cfg.sft_weight < 0):
+    if (cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1 or cfg.beta < 0
+            or (cfg.beta == 0 and cfg.kind == "dpo") or cfg.sft_weight < 0):
         raise SystemExit(f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha} --lora_dropout "
                          f"{cfg.lora_dropout} --beta {cfg.beta} --sft_weight {cfg.sft_weight}: need rank >= 0, "
-                         "alpha > 0, 0 <= dropout < 1, beta > 0, sft_weight >= 0")
+                         "alpha > 0, 0 <= dropout < 1, beta > 0 (GRPO: >= 0), sft_weight >= 0")
     unknown = sorted(set(cfg.lora_targets.split(",")) - set(lora.TARGETS))
     if unknown:
         raise SystemExit(f"--lora_targets {cfg.lora_targets}: unknown {','.join(unknown)}; choose from "
                          f"{','.join(lora.TARGETS)}")
-    if cfg.lora_embeddings and (not cfg.lora_rank or cfg.kind == "dpo"):
+    if cfg.lora_embeddings and (not cfg.lora_rank or cfg.kind in ("dpo", "grpo")):
         raise SystemExit("--lora_embeddings: trains the embedding beside LoRA adapters (needs --lora_rank); not with "
-                         "dpo.py, whose reference is the base with the adapters off")
+                         "dpo.py or grpo.py, whose reference is the base with the adapters off")
     if cfg.lora_rank and cfg.model_type == "gpt2":
         raise SystemExit("--lora_rank with --model gpt2: LoRA adapts the K-Model (its adapters are saved for the "
                          "exported Llama); the gpt2 baseline has none")
-    if (cfg.lora_rank or cfg.kind == "dpo") and not cfg.init_from and not cfg.resume:
-        raise SystemExit(f"{'--lora_rank' if cfg.lora_rank else 'dpo.py'}: fine-tunes a trained model; pass "
+    if cfg.num_generations < 2 or cfg.grpo_iterations < 1 or cfg.epsilon <= 0 or cfg.temperature <= 0 \
+            or cfg.max_new_tokens < 1:
+        raise SystemExit(f"--num_generations {cfg.num_generations} --grpo_iterations {cfg.grpo_iterations} --epsilon "
+                         f"{cfg.epsilon} --temperature {cfg.temperature} --max_new_tokens {cfg.max_new_tokens}: need "
+                         "a group of >= 2 replies, >= 1 iteration, epsilon > 0, temperature > 0, >= 1 new token")
+    if (cfg.lora_rank or cfg.kind in ("dpo", "grpo")) and not cfg.init_from and not cfg.resume:
+        raise SystemExit(f"{'--lora_rank' if cfg.lora_rank else cfg.kind + '.py'}: fine-tunes a trained model; pass "
                          "--init_from CKPT (e.g. out/pretrain or out/sft)")
 
 
