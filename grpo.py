@@ -24,19 +24,28 @@ scores each, and each reply's advantage is its reward against its group's:
     A_i = (r_i - mean(r)) / (std(r) + 1e-4)
 
 A group whose replies all score alike says nothing about which is better: its advantages are 0 and
-it gives no gradient (its share is logged as zero_adv_share). With ratio_t = pi(y_t) / pi_old(y_t)
-over the reply's tokens (pi_old: the policy that sampled them), the loss of a token is PPO's clip
+it gives no policy gradient (its share is logged as zero_adv_share). With logp_t and ref_t the
+log-probabilities of a reply token under the policy pi and the reference, and ratio_t = pi / pi_old
+(pi_old: the policy that sampled the replies), the loss of a token is PPO's clip plus a KL penalty,
 
-    -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon) * A) + beta * KL_t,
-    KL_t = ratio_t * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)     (k3: unbiased, always >= 0)
+    -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon) * A) + beta * ratio_t * KL_t,
+    KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (k3: unbiased, never negative)
 
-summed over every reply token of the step and divided by their number (trl's default loss_type
-"dapo", from DAPO: a token weighs the same in a long reply as in a short one; a mean per reply first,
-the original GRPO, lets a long wrong reply off lightly). The replies are reused for --grpo_iterations
-optimizer steps: the first has ratio 1 (pi_old is the policy itself), later ones are clipped where the
-policy has moved. The reference is the --init_from model, frozen (a copy; with --lora_rank, the
-policy with its adapters off). Log-probabilities are taken at the sampling temperature, as trl does:
-the ratio then compares the distributions the replies were drawn from.
+summed over every reply token of the step and divided by their number: trl's default loss_type
+"dapo" (from DAPO), where a token weighs the same in a long reply as in a short one; the original
+GRPO's mean per reply first lets a long wrong reply off lightly. The KL is weighted by the ratio as
+trl does by default: the replies come from pi_old, not pi. The replies are reused for
+--grpo_iterations optimizer steps: the first has ratio 1 (pi_old is the policy itself), later ones
+are clipped where the policy has moved. The reference is the --init_from model, frozen (a copy;
+with --lora_rank, the policy with its adapters off; --beta 0 drops the term and the reference).
+Log-probabilities are taken at the sampling temperature, as trl does: the ratio then compares the
+distributions the replies were drawn from.
+
+A reward is a function reward(prompt, completion, answer) -> float (core/rewards.py): the question,
+the reply as text (ending with <|im_end|> if the model closed its turn) and the data's answer.
+--data_path takes JSON Lines of {"question", "answer"} (GSM8K's form: the arithmetic reward compares
+the last number of the reply with the last number of the answer, "#### 72"); the embedded default
+trains on the sentiment questions of sft.py's data and holds out its test split.
 
 Each validation answers the held-out questions greedily and reports val_reward, val_accuracy (the
 share of replies with a reward of 1 or more), val_reply_len (tokens) and val_kl (the mean k3 KL of
@@ -54,7 +63,7 @@ from core import checkpoint, corpus, lora, rewards
 from core.generation import decode
 from core.inference import encode_chat
 from core.loaders import holdout_split
-from core.runtime import autocast, autocast_dtype
+from core.runtime import autocast, autocast_dtype, local_rank_zero_first
 from core.trainer import Objective, main
 from dataset import PAD_ID, collate_batch
 
@@ -246,7 +255,8 @@ class GRPO(Objective):
                                                                         else "arithmetic"))
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.tokenizer_dir)
         self.stop_ids = (self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id)
-        train, held_out, self.tables = load_prompt_datasets(cfg, self.tokenizer)
+        with local_rank_zero_first(rt):  # the first process builds the embedded corpus, the others read it
+            train, held_out, self.tables = load_prompt_datasets(cfg, self.tokenizer)
         return train, held_out
 
     def module(self, model, cfg):

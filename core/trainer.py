@@ -1,5 +1,5 @@
 """
-训练循环，只写一遍：pretrain.py、sft.py、dpo.py 都调用这里的 main/train。
+训练循环，只写一遍：pretrain.py、sft.py、dpo.py、grpo.py 都调用这里的 main/train。
 阅读顺序：train_step（一次优化器更新：梯度累积、全局 token 平均、裁剪）-> evaluate（验证损失与 BPC）
 -> prepare（设备、模型、数据、优化器）-> train（主循环：学习率 -> 微批次 -> 更新 -> 记录/验证/保存）。
 可以动手试：改 --accumulation_steps 而保持全局批次不变，看损失曲线是否一致。
@@ -24,8 +24,8 @@ The plan (the LR schedule, the state saved with each checkpoint, the --time_limi
 schedule.py; a resumed run follows the plan it saved, or re-plans when asked for more steps.
 
 What is minimised is an `Objective`: next-token prediction for pretrain.py and sft.py; dpo.py's
-preference loss is another, on the same loop. With --lora_rank the model's weights are frozen and
-only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
+preference loss and grpo.py's policy gradient are others. With --lora_rank the model's weights are
+frozen and only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
 
 Where the rest lives: train_config.py (the flags), runtime.py (devices, DDP, mixed precision),
 parallel.py (FSDP, the gradient sync of accumulated steps, saving and resuming each kind of run),
