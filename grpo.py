@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 from core import checkpoint, corpus, lora, rewards
@@ -177,14 +178,17 @@ def reply_rows(prompts, replies):
     return collate_batch(samples)
 
 
-def token_logps(model, x, y, temperature):
+def token_logps(model, x, y, mask, temperature):
     """(log pi(y_t | x_<=t) [B, T] at the sampling temperature, the entropy of each position's
-    distribution [B, T], not differentiated)."""
-    logits, _ = model(x)
+    distribution [B, T], not differentiated). Only from the first column any row trains on: the
+    prompts before it need no output head and no softmax over the vocabulary (0 is returned there)."""
+    start = int(mask.any(0).nonzero()[0])
+    logits = model.output(model.hidden_states(x)[:, start:])
     logps = torch.log_softmax(logits.float() / temperature, dim=-1)
     with torch.no_grad():
         entropy = -(logps.exp() * logps).sum(-1)
-    return logps.gather(-1, y.unsqueeze(-1)).squeeze(-1), entropy
+    token_logps_ = logps.gather(-1, y[:, start:].unsqueeze(-1)).squeeze(-1)
+    return F.pad(token_logps_, (start, 0)), F.pad(entropy, (start, 0))
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -210,11 +214,11 @@ class GRPOLoss(nn.Module):
         return self
 
     @torch.no_grad()
-    def reference_logps(self, x, y):
+    def reference_logps(self, x, y, mask):
         if self.reference is not None:
-            return token_logps(self.reference, x, y, self.temperature)[0]
+            return token_logps(self.reference, x, y, mask, self.temperature)[0]
         with lora.adapters_disabled(self.policy):
-            return token_logps(self.policy, x, y, self.temperature)[0]
+            return token_logps(self.policy, x, y, mask, self.temperature)[0]
 
     def forward(self, x, y, mask, advantages=None, old_logps=None, ref_logps=None, reduction="sum"):
         """x, y, mask [B, T]: prompt + reply rows, the mask on the reply tokens; advantages [B]; old_logps,
@@ -222,7 +226,7 @@ class GRPOLoss(nn.Module):
         Returns ({}, the loss summed over the reply tokens, or with reduction="mean" their mean)."""
         if advantages is None:
             return self.validate(self, x, y)
-        logps, entropy = token_logps(self.policy, x, y, self.temperature)
+        logps, entropy = token_logps(self.policy, x, y, mask, self.temperature)
         ratio = torch.exp(logps - old_logps)
         advantages = advantages[:, None]
         losses = -torch.min(ratio * advantages, ratio.clamp(1 - self.epsilon, 1 + self.epsilon) * advantages)
@@ -298,11 +302,11 @@ class GRPO(Objective):
         advantages, equal_groups = group_advantages(rewards_, cfg.num_generations)
         x, y, mask = reply_rows([p for p in prompts for _ in range(cfg.num_generations)], replies)
         old, ref = [], []
-        for rows in zip(*(t.split(cfg.batch_size * cfg.num_generations) for t in (x, y))):
+        for rows in zip(*(t.split(cfg.batch_size * cfg.num_generations) for t in (x, y, mask))):
             rows = [t.to(device) for t in rows]
             with self.amp:
                 old.append(token_logps(model, *rows, cfg.temperature)[0].cpu())
-                ref.append(self.loss.reference_logps(*rows).cpu() if cfg.beta else torch.zeros_like(rows[1]).float())
+                ref.append(self.loss.reference_logps(*rows).cpu() if cfg.beta else torch.zeros(rows[1].shape))
         model.train()
         self.rollout_totals += torch.tensor([rewards_.sum(), rewards_.square().sum(), len(rewards_), mask.sum(),
                                              equal_groups, len(prompts)])
@@ -337,14 +341,17 @@ class GRPO(Objective):
         """Validation: greedy replies to held-out prompts x (index in y[:, 0]) -> sums of reward,
         accuracy (reward >= 1), reply_len and kl (a reply's mean token KL), and beta * KL - reward."""
         prompts = [row[row != PAD_ID].tolist() for row in x]
-        replies = sample_replies(loss.policy, prompts, 1, self.cfg.max_new_tokens, 0.0, self.stop_ids, None)
+        # validation runs under autocast, and decoding keeps its KV cache in the weights' dtype
+        with torch.autocast(x.device.type, enabled=False):
+            replies = sample_replies(loss.policy, prompts, 1, self.cfg.max_new_tokens, 0.0, self.stop_ids, None)
         scores = self.score(prompts, replies, y[:, 0].tolist(), self.tables[1])
         metrics = {"reward": scores.sum(), "accuracy": (scores >= 1).sum(),
                    "reply_len": sum(len(r) for r in replies)}
         if loss.reference is None and not lora.has_adapters(loss.policy):  # --beta 0: no reference was loaded
             return metrics, -scores.sum()
         rx, ry, rmask = (t.to(x.device) for t in reply_rows(prompts, replies))
-        logps, ref = token_logps(loss.policy, rx, ry, loss.temperature)[0], loss.reference_logps(rx, ry)
+        logps = token_logps(loss.policy, rx, ry, rmask, loss.temperature)[0]
+        ref = loss.reference_logps(rx, ry, rmask)
         metrics["kl"] = (((torch.exp(ref - logps) - (ref - logps) - 1) * rmask).sum(-1) / rmask.sum(-1)).sum().cpu()
         return metrics, self.cfg.beta * metrics["kl"] - scores.sum()
 

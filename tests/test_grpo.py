@@ -132,10 +132,10 @@ def test_loss_equals_trl_grpo_trainer(tmp_path, beta):
     x, y, mask = grpo.reply_rows([prompt] * 4, replies)
     advantages = torch.tensor([1.2, -0.4, 0.3, -1.1])
     with torch.no_grad():
-        logps = grpo.token_logps(policy, x, y, temperature)[0]
+        logps = grpo.token_logps(policy, x, y, mask, temperature)[0]
         # old log-probs off the policy's, both ways, so that some ratios leave [1 - eps, 1 + eps] and the clip acts
         old = logps + 0.4 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(0))
-        ref = grpo.token_logps(reference, x, y, temperature)[0]
+        ref = grpo.token_logps(reference, x, y, mask, temperature)[0]
         ours = grpo.GRPOLoss(policy.eval(), reference, beta, epsilon, temperature)(x, y, mask, advantages, old, ref,
                                                                                    reduction="mean")[1]
         ids, completion_mask, theirs_layout = trl_inputs(prompt, replies, {"old": old, "ref": ref})
@@ -155,7 +155,7 @@ def test_the_first_iteration_has_ratio_one_and_zero_advantages_give_only_the_kl(
     x, y, mask = grpo.reply_rows([[1, 7, 3]] * 2, [[20, 21, 4], [30, 4]])
     loss = grpo.GRPOLoss(policy, tiny(1), beta=0.5, epsilon=0.2, temperature=1.0)
     with torch.no_grad():
-        logps, ref = grpo.token_logps(policy, x, y, 1.0)[0], grpo.token_logps(loss.reference, x, y, 1.0)[0]
+        logps, ref = (grpo.token_logps(m, x, y, mask, 1.0)[0] for m in (policy, loss.reference))
     advantages = torch.tensor([1.0, -1.0])
     value = loss(x, y, mask, advantages, logps, ref)[1]
     kl = ((torch.exp(ref - logps) - (ref - logps) - 1) * mask).sum()
