@@ -212,3 +212,31 @@ def test_run_logs_its_figures_and_resumes_with_identical_losses(tmp_path, monkey
     assert [(r["step"], r["loss"], r.get("reward")) for r in again] == [(r["step"], r["loss"], r.get("reward"))
                                                                         for r in steps]
     assert resumed["after"] == pytest.approx(result["after"])
+
+
+def test_lora_reference_is_the_base_and_beta_zero_loads_no_reference(tmp_path, monkeypatch, questions_jsonl):
+    from core import lora
+    adapted = lora.add_lora(tiny(), rank=4, alpha=8.0)
+    x, y, mask = grpo.reply_rows([[1, 7, 3]] * 2, [[20, 21, 4], [30, 4]])
+    loss = grpo.GRPOLoss(adapted, None, beta=0.1, epsilon=0.2, temperature=1.0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(adapted).values():  # the adapters move away from zero ...
+            layer.lora_B.weight.normal_(0.0, 0.2)
+        base = grpo.token_logps(tiny(), x, y, mask, 1.0)[0]
+        policy = grpo.token_logps(adapted, x, y, mask, 1.0)[0]
+    # ... and the reference stays the base: no second copy of the model
+    assert torch.allclose(loss.reference_logps(x, y, mask), base, atol=1e-6)
+    assert not torch.allclose(policy, base, atol=1e-3)
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save_checkpoint(tmp_path / "sft", tiny(dim=32), 10, tokenizer_dir=TOKENIZER)
+    argv = [*TINY_RUN, "--data_path", str(questions_jsonl), "--init_from", "sft", "--dim", "32", "--n_layers", "2",
+            "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "64", "--batch_size", "2", "--num_generations", "2",
+            "--max_new_tokens", "4", "--max_steps", "1", "--val_fraction", "0.1", "--eval_batches", "1", "--plot", "false"]
+    objective = grpo.GRPO()
+    trainer.main(grpo.__doc__, grpo.DEFAULTS, grpo.EMBEDDED, argv=[*argv, "--lora_rank", "4"], objective=objective)
+    assert objective.loss.reference is None and checkpoint.is_lora(checkpoint.latest_checkpoint("out/grpo"))
+    objective = grpo.GRPO()
+    trainer.main(grpo.__doc__, grpo.DEFAULTS, grpo.EMBEDDED, argv=[*argv, "--beta", "0", "--out_dir", "nokl"],
+                 objective=objective)
+    assert objective.loss.reference is None and "kl" not in records(tmp_path / "nokl" / "metrics.jsonl")[1]
