@@ -247,9 +247,10 @@ class GRPOLoss(nn.Module):
 
 
 class GRPO(Objective):
-    """GRPO on the shared loop: the loader deals prompts, `micro_batches` turns them into scored replies
-    (every --grpo_iterations steps; the steps between train on the same replies again), one unit per
-    reply token."""
+    """GRPO on the shared loop: the loader deals prompts, `micro_batches` turns them into scored replies,
+    one unit per reply token. With --grpo_iterations mu, replies are sampled every mu-th step and the
+    steps between train on them again (the prompts dealt to those steps are passed over: an epoch
+    samples replies for 1/mu of the prompts, others in the next epoch's order)."""
 
     def __init__(self):
         self.rollouts, self.tables, self.loss = None, None, None

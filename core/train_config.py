@@ -111,7 +111,8 @@ class TrainConfig:
     reward: str | None = arg(None, "GRPO: the reward, a name in core/rewards.py (sentiment, arithmetic) or "
                                    "path/to/file.py:function; None: sentiment, or arithmetic with --data_path")
     num_generations: int = arg(8, "GRPO: replies sampled per prompt (the group whose rewards are compared)")
-    grpo_iterations: int = arg(1, "GRPO: optimizer steps on each batch of replies (mu; above 1 the clip acts)")
+    grpo_iterations: int = arg(1, "GRPO: optimizer steps on each batch of replies (mu; above 1 the clip acts, and "
+                                  "the prompts dealt to the steps that reuse replies are passed over)")
     epsilon: float = arg(0.2, "GRPO: clip the policy ratio to [1 - epsilon, 1 + epsilon] (PPO's clip)")
     temperature: float = arg(1.0, "GRPO: the sampling temperature of the replies")
     max_new_tokens: int = arg(256, "GRPO: the longest reply sampled")
