@@ -160,10 +160,10 @@ def sample_replies(model, prompts, group_size, max_new_tokens, temperature, stop
     return replies
 
 
-def group_advantages(rewards_, group_size):
+def group_advantages(scores, group_size):
     """(advantages, number of groups whose rewards are all equal): each reward against its group's mean,
     over its group's standard deviation (unbiased, as trl); an equal group's advantages are 0."""
-    groups = rewards_.view(-1, group_size)
+    groups = scores.view(-1, group_size)
     std = groups.std(dim=1, keepdim=True)
     return ((groups - groups.mean(dim=1, keepdim=True)) / (std + 1e-4)).flatten(), int((std == 0).sum())
 
@@ -300,8 +300,8 @@ class GRPO(Objective):
         model.eval()
         replies = sample_replies(model, prompts, cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                                  self.stop_ids, torch.Generator(device).manual_seed(seed))
-        rewards_ = self.score(prompts, replies, indices, self.tables[0])
-        advantages, equal_groups = group_advantages(rewards_, cfg.num_generations)
+        scores = self.score(prompts, replies, indices, self.tables[0])
+        advantages, equal_groups = group_advantages(scores, cfg.num_generations)
         x, y, mask = reply_rows([p for p in prompts for _ in range(cfg.num_generations)], replies)
         old, ref = [], []
         for rows in zip(*(t.split(cfg.batch_size * cfg.num_generations) for t in (x, y, mask))):
@@ -310,7 +310,7 @@ class GRPO(Objective):
                 old.append(token_logps(model, *rows, cfg.temperature)[0].cpu())
                 ref.append(self.loss.reference_logps(*rows).cpu() if cfg.beta else torch.zeros(rows[1].shape))
         model.train()
-        self.rollout_totals += torch.tensor([rewards_.sum(), rewards_.square().sum(), len(rewards_), mask.sum(),
+        self.rollout_totals += torch.tensor([scores.sum(), scores.square().sum(), len(scores), mask.sum(),
                                              equal_groups, len(prompts)])
         return x, y, mask, advantages, torch.cat(old), torch.cat(ref)
 
