@@ -323,7 +323,10 @@ class GRPO(Objective):
         return {"rollouts": list(self.rollouts) if self.rollouts is not None else None}
 
     def load_state_dict(self, state):
-        self.rollouts = tuple(state["rollouts"]) if state.get("rollouts") is not None else None
+        # the checkpoint holds the first process's replies: under DDP the others sample afresh when a run
+        # resumes between two sampling steps (exact with one process, or with --grpo_iterations 1)
+        if state.get("rollouts") is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            self.rollouts = tuple(state["rollouts"])
 
     def log_metrics(self):
         """Means since the last record: reward (and its std over the replies), zero_adv_share (of the
