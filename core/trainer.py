@@ -68,8 +68,8 @@ def to_device(batch, device):
 class Objective:
     """What the loop minimises; this one is next-token prediction (pretrain.py, sft.py), and dpo.py's
     preference loss subclasses it. The loop calls `module(model, cfg)` instead of the model:
-    forward(x, y, loss_mask, reduction="sum") -> (logits, or a dict of sums to report per unit at
-    validation; the summed loss). Each step divides that sum by the `units` of the whole global batch."""
+    forward(x, y, loss_mask, *more, reduction="sum") -> (logits, or a dict of sums to report per unit
+    at validation; the summed loss). Each step divides that sum by the `units` of the whole global batch."""
 
     def datasets(self, cfg, rt):
         """(training, validation) datasets of (X, Y, loss_mask) samples."""
