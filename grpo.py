@@ -57,7 +57,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 from core import checkpoint, corpus, lora, rewards
@@ -182,15 +181,16 @@ def reply_rows(prompts, replies):
 
 def token_logps(model, x, y, mask, temperature):
     """(log pi(y_t | x_<=t) [B, T] at the sampling temperature, the entropy of each position's
-    distribution [B, T], not differentiated). Only from the first column any row trains on: the
-    prompts before it need no output head and no softmax over the vocabulary (0 is returned there)."""
-    start = int(mask.any(0).nonzero()[0])
-    logits = model.output(model.hidden_states(x)[:, start:])
+    distribution [B, T], not differentiated), where mask is 1 (0 elsewhere). The output head and the
+    softmax over the vocabulary run on the reply tokens alone: most of a row is its prompt."""
+    where = mask.bool()
+    logits = model.output(model.hidden_states(x)[where])  # [reply tokens, V]
     logps = torch.log_softmax(logits.float() / temperature, dim=-1)
     with torch.no_grad():
         entropy = -(logps.exp() * logps).sum(-1)
-    token_logps_ = logps.gather(-1, y[:, start:].unsqueeze(-1)).squeeze(-1)
-    return F.pad(token_logps_, (start, 0)), F.pad(entropy, (start, 0))
+    picked = logps.gather(-1, y[where].unsqueeze(-1)).squeeze(-1)
+    zeros = torch.zeros(x.shape, device=x.device)
+    return zeros.masked_scatter(where, picked), zeros.masked_scatter(where, entropy)
 
 # -----------------------------------------------------------------------------
 # the loss
