@@ -73,12 +73,11 @@ DEFAULTS = dict(kind="grpo", out_dir="out/grpo", learning_rate=1e-5, beta=0.04, 
 
 # The embedded default, for a 2-core CPU and ~3 minutes (figures in bench/RESULTS.md). A step samples
 # 8 replies to each of 4 sentiment questions (a reply is a label and <|im_end|>: 8 new tokens are
-# plenty) in one micro-batch; each validation answers 100 held-out questions greedily. The tiny model
-# moves at SFT-like rates (a GRPO step is reward-weighted likelihood on its own samples), and samples
-# at temperature 0.7: its distribution is flat, and at 1.0 most replies wander off the two labels.
-EMBEDDED = dict(batch_size=4, accumulation_steps=1, num_generations=8, max_new_tokens=8, learning_rate=2e-4,
-                temperature=0.7, warmup_iters=5, time_limit=180, epochs=100, eval_interval=100, eval_batches=25,
-                log_interval=5, save_interval=200, num_workers=0)
+# plenty) in one micro-batch; each validation answers 100 held-out questions greedily. The SFT model
+# is already sure of its answers: at 2e-4 the first steps knocked it off them (KL 0.9 per token).
+EMBEDDED = dict(batch_size=4, accumulation_steps=1, num_generations=8, max_new_tokens=8, learning_rate=5e-5,
+                warmup_iters=5, time_limit=180, epochs=100, eval_interval=100, eval_batches=25, log_interval=5,
+                save_interval=200, num_workers=0)
 ARITHMETIC_PROBLEMS = (5000, 500)  # the embedded arithmetic task: training and held-out questions
 
 # -----------------------------------------------------------------------------
