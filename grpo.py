@@ -149,13 +149,12 @@ def sample_replies(model, prompts, group_size, max_new_tokens, temperature, stop
     decoding of model_sample.py and serve.py). A reply keeps its stop token (generate drops it): the
     policy learns to close its turn, so that token is trained too."""
     batch = [p for p in prompts for _ in range(group_size)]
-    replies, done = [[] for _ in batch], [False] * len(batch)
-    for step in decode(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
-                       generator=generator):
-        for i, token in enumerate(step.tolist()):
-            if not done[i]:
-                replies[i].append(token)
-                done[i] = token in stop_ids
+    steps = list(decode(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
+                        generator=generator))
+    replies = []
+    for row in torch.stack(steps, dim=1).tolist():  # [B, steps], read back once
+        stops = [i for i, token in enumerate(row) if token in stop_ids]
+        replies.append(row[:stops[0] + 1] if stops else row)
     return replies
 
 
