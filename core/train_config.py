@@ -213,6 +213,9 @@ def check_sharding(cfg):
     if cfg.lora_rank:
         raise SystemExit("--lora_rank with --parallel fsdp: the frozen model and its small adapters fit where DDP "
                          "fits; drop --parallel fsdp")
+    if cfg.kind == "grpo":  # each process decodes its own replies, for as many steps as they take
+        raise SystemExit("grpo.py with --parallel fsdp: sampling runs the model a different number of times on each "
+                         "process, which FSDP's weight gathers cannot follow; use --parallel ddp")
 
 
 def check_post_training(cfg):

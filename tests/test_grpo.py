@@ -240,3 +240,11 @@ def test_lora_reference_is_the_base_and_beta_zero_loads_no_reference(tmp_path, m
     trainer.main(grpo.__doc__, grpo.DEFAULTS, grpo.EMBEDDED, argv=[*argv, "--beta", "0", "--out_dir", "nokl"],
                  objective=objective)
     assert objective.loss.reference is None and "kl" not in records(tmp_path / "nokl" / "metrics.jsonl")[1]
+
+
+def test_fsdp_is_refused_in_one_line(tmp_path):
+    from core import train_config
+    checkpoint.save_checkpoint(tmp_path / "sft", tiny(dim=32), 10, tokenizer_dir=TOKENIZER)
+    with pytest.raises(SystemExit, match="grpo.py with --parallel fsdp"):
+        train_config.parse_config([*TINY_RUN, "--init_from", str(tmp_path / "sft"), "--parallel", "fsdp"],
+                                  grpo.__doc__, grpo.DEFAULTS, grpo.EMBEDDED)
