@@ -60,7 +60,7 @@ import torch.nn as nn
 from transformers import PreTrainedTokenizerFast
 
 from core import checkpoint, corpus, lora, rewards
-from core.generation import decode
+from core.generation import generate
 from core.inference import encode_chat
 from core.loaders import holdout_split
 from core.runtime import autocast, autocast_dtype, local_rank_zero_first
@@ -146,16 +146,11 @@ def load_prompt_datasets(cfg, tokenizer):
 
 def sample_replies(model, prompts, group_size, max_new_tokens, temperature, stop_ids, generator) -> list:
     """group_size replies to each prompt, prompt-major, sampled as one batch with the KV cache (the
-    decoding of model_sample.py and serve.py). A reply keeps its stop token (generate drops it): the
-    policy learns to close its turn, so that token is trained too."""
+    decoding of model_sample.py and serve.py). A reply keeps its stop token: the policy learns to
+    close its turn, so that token is trained too."""
     batch = [p for p in prompts for _ in range(group_size)]
-    steps = list(decode(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stop_ids,
-                        generator=generator))
-    replies = []
-    for row in torch.stack(steps, dim=1).tolist():  # [B, steps], read back once
-        stops = [i for i, token in enumerate(row) if token in stop_ids]
-        replies.append(row[:stops[0] + 1] if stops else row)
-    return replies
+    return generate(model, batch, keep_stop=True, max_new_tokens=max_new_tokens, temperature=temperature,
+                    stop_ids=stop_ids, generator=generator)
 
 
 def group_advantages(scores, group_size):
@@ -164,6 +159,12 @@ def group_advantages(scores, group_size):
     groups = scores.view(-1, group_size)
     std = groups.std(dim=1, keepdim=True)
     return ((groups - groups.mean(dim=1, keepdim=True)) / (std + 1e-4)).flatten(), int((std == 0).sum())
+
+
+def k3_kl(logps, ref_logps):
+    """The k3 estimate of KL(pi || ref) per token, from the log-probabilities of the sampled tokens:
+    exp(ref - logp) - (ref - logp) - 1 (unbiased, never negative, Schulman 2020)."""
+    return torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
 
 
 def reply_rows(prompts, replies):
@@ -230,7 +231,7 @@ class GRPOLoss(nn.Module):
         ratio = torch.exp(logps - old_logps)
         advantages = advantages[:, None]
         losses = -torch.min(ratio * advantages, ratio.clamp(1 - self.epsilon, 1 + self.epsilon) * advantages)
-        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        kl = k3_kl(logps, ref_logps)
         if self.beta:  # weighted by the ratio (trl's default use_bias_correction_kl, DeepSeek-V3.2): the replies
             # come from pi_old, and the ratio makes the term's gradient the reverse KL's own, even where it is 1
             losses = losses + self.beta * ratio * kl
@@ -356,7 +357,7 @@ class GRPO(Objective):
         rx, ry, rmask = (t.to(x.device) for t in reply_rows(prompts, replies))
         logps = token_logps(loss.policy, rx, ry, rmask, loss.temperature)[0]
         ref = loss.reference_logps(rx, ry, rmask)
-        metrics["kl"] = (((torch.exp(ref - logps) - (ref - logps) - 1) * rmask).sum(-1) / rmask.sum(-1)).sum().cpu()
+        metrics["kl"] = ((k3_kl(logps, ref) * rmask).sum(-1) / rmask.sum(-1)).sum().cpu()
         return metrics, self.cfg.beta * metrics["kl"] - scores.sum()
 
 

@@ -376,16 +376,17 @@ def decode(model, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_
             decoder.step(token)
 
 
-def generate(model, prompts, **sampling):
-    """The new tokens of each prompt (stop token excluded); prompts of different lengths are decoded
-    as one batch. See `decode` for the settings. The tokens are read back from the device once, at
-    the end (decode itself reads one flag every check_every steps: have all rows finished?)."""
+def generate(model, prompts, keep_stop=False, **sampling):
+    """The new tokens of each prompt, up to its stop token (kept with keep_stop: grpo.py trains the
+    policy to close its turn); prompts of different lengths are decoded as one batch. See `decode`
+    for the settings. The tokens are read back from the device once, at the end (decode itself
+    reads one flag every check_every steps: have all rows finished?)."""
     stop_ids = set(sampling.get("stop_ids", ()))
     prompts = as_prompt_lists(prompts)
     steps = list(decode(model, prompts, **sampling))
     outputs = []
     for row in torch.stack(steps, 1).tolist():
-        end = next((t for t, token in enumerate(row) if token in stop_ids), len(row))
+        end = next((t + keep_stop for t, token in enumerate(row) if token in stop_ids), len(row))
         outputs.append(row[:end])
     return outputs
 
