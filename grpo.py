@@ -167,15 +167,16 @@ def k3_kl(logps, ref_logps):
     return torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
 
 
-def reply_rows(prompts, replies):
-    """(X, Y, loss_mask) of each prompt + reply, the mask 1 on the reply's tokens as targets."""
+def reply_rows(prompts, replies, context):
+    """(X, Y, loss_mask) of each prompt + reply, the mask 1 on the reply's tokens as targets. The width
+    is rounded up (collate_batch) within the context: few shapes, so the CPU's kernel caches stay small."""
     samples = []
     for prompt, reply in zip(prompts, replies):
         tokens = torch.tensor(prompt + reply)
         mask = torch.zeros(len(tokens) - 1, dtype=torch.long)
         mask[len(prompt) - 1:] = 1
         samples.append((tokens[:-1], tokens[1:], mask))
-    return collate_batch(samples)
+    return collate_batch(samples, max_width=context)
 
 
 def token_logps(model, x, y, mask, temperature):
@@ -302,7 +303,7 @@ class GRPO(Objective):
                                  self.stop_ids, torch.Generator(device).manual_seed(seed))
         scores = self.score(prompts, replies, indices, self.tables[0])
         advantages, equal_groups = group_advantages(scores, cfg.num_generations)
-        x, y, mask = reply_rows([p for p in prompts for _ in range(cfg.num_generations)], replies)
+        x, y, mask = reply_rows([p for p in prompts for _ in range(cfg.num_generations)], replies, cfg.max_seq_len)
         old, ref = [], []
         for rows in zip(*(t.split(cfg.batch_size * cfg.num_generations) for t in (x, y, mask))):
             rows = [t.to(device) for t in rows]
@@ -354,7 +355,7 @@ class GRPO(Objective):
                    "reply_len": sum(len(r) for r in replies)}
         if loss.reference is None and not lora.has_adapters(loss.policy):  # --beta 0: no reference was loaded
             return metrics, -scores.sum()
-        rx, ry, rmask = (t.to(x.device) for t in reply_rows(prompts, replies))
+        rx, ry, rmask = (t.to(x.device) for t in reply_rows(prompts, replies, self.cfg.max_seq_len))
         logps = token_logps(loss.policy, rx, ry, rmask, loss.temperature)[0]
         ref = loss.reference_logps(rx, ry, rmask)
         metrics["kl"] = ((k3_kl(logps, ref) * rmask).sum(-1) / rmask.sum(-1)).sum().cpu()

@@ -129,7 +129,7 @@ def test_loss_equals_trl_grpo_trainer(tmp_path, beta):
     hf_trainer.beta = beta
     assert hf_trainer.loss_type == "dapo"  # trl's default, which ours is
     prompt, replies = [1, 7, 3, 9, 12], [[20, 21, 4], [30, 4], [40, 41, 42, 43, 4], [50, 51]]
-    x, y, mask = grpo.reply_rows([prompt] * 4, replies)
+    x, y, mask = grpo.reply_rows([prompt] * 4, replies, context=64)
     advantages = torch.tensor([1.2, -0.4, 0.3, -1.1])
     with torch.no_grad():
         logps = grpo.token_logps(policy, x, y, mask, temperature)[0]
@@ -150,9 +150,18 @@ def test_loss_equals_trl_grpo_trainer(tmp_path, beta):
     assert abs(ours.item()) > 1e-3  # not the trivial value
 
 
+def test_reply_rows_mask_the_reply_and_round_the_width_within_the_context():
+    prompts, replies = [[1, 7, 3]] * 2, [[20, 21, 4], [30, 4]]
+    x, y, mask = grpo.reply_rows(prompts, replies, context=64)
+    assert x.shape == (2, 32)  # 5 tokens rounded up to PAD_MULTIPLE: one shape for many rollouts
+    assert x[0, :5].tolist() == [1, 7, 3, 20, 21] and y[0, :5].tolist() == [7, 3, 20, 21, 4]
+    assert mask[0].tolist()[:6] == [0, 0, 1, 1, 1, 0] and mask[1].tolist()[:5] == [0, 0, 1, 1, 0]
+    assert grpo.reply_rows(prompts, replies, context=6)[0].shape == (2, 6)  # never past the context
+
+
 def test_the_first_iteration_has_ratio_one_and_zero_advantages_give_only_the_kl():
     policy = tiny()
-    x, y, mask = grpo.reply_rows([[1, 7, 3]] * 2, [[20, 21, 4], [30, 4]])
+    x, y, mask = grpo.reply_rows([[1, 7, 3]] * 2, [[20, 21, 4], [30, 4]], context=64)
     loss = grpo.GRPOLoss(policy, tiny(1), beta=0.5, epsilon=0.2, temperature=1.0)
     with torch.no_grad():
         logps, ref = (grpo.token_logps(m, x, y, mask, 1.0)[0] for m in (policy, loss.reference))
@@ -217,7 +226,7 @@ def test_run_logs_its_figures_and_resumes_with_identical_losses(tmp_path, monkey
 def test_lora_reference_is_the_base_and_beta_zero_loads_no_reference(tmp_path, monkeypatch, questions_jsonl):
     from core import lora
     adapted = lora.add_lora(tiny(), rank=4, alpha=8.0)
-    x, y, mask = grpo.reply_rows([[1, 7, 3]] * 2, [[20, 21, 4], [30, 4]])
+    x, y, mask = grpo.reply_rows([[1, 7, 3]] * 2, [[20, 21, 4], [30, 4]], context=64)
     loss = grpo.GRPOLoss(adapted, None, beta=0.1, epsilon=0.2, temperature=1.0)
     with torch.no_grad():
         for layer in lora.lora_layers(adapted).values():  # the adapters move away from zero ...
