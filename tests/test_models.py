@@ -69,6 +69,30 @@ def test_shapes_and_masked_loss(make):
 
 
 @pytest.mark.parametrize("make", MODELS)
+def test_the_head_over_the_trained_positions_alone_gives_the_dense_loss_and_gradients(make, monkeypatch):
+    """On a CPU only the trained positions go through the head; every position does on a GPU and
+    under torch.compile (forced here by pretending to compile): same loss, same gradients."""
+    model = make().train()
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    y[1, :4] = -100
+    weights = (torch.rand(3, 16) < 0.3) * 1.0
+    weights[2, 5:] = 0.25  # a replayed row's fractional weight
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(x, y, weights, reduction="sum")
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    gathered, gathered_grads = loss_and_grads()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    dense, dense_grads = loss_and_grads()
+    assert torch.allclose(gathered, dense, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gathered_grads, dense_grads))
+    assert any(g.abs().sum() > 0 for g in gathered_grads)
+
+
+@pytest.mark.parametrize("make", MODELS)
 def test_causality(make):
     model = make()
     x = torch.randint(0, 97, (2, 20))
