@@ -316,9 +316,10 @@ def test_time_limit_plans_a_schedule_that_ends_in_time(tmp_path, cache, pretrain
     # the whole run follows the cosine of the planned length (the plan is fixed after step 11)...
     for step in range(12, last + 1):
         assert lrs[step] == pytest.approx(schedule.lr_at(step - 1, 3e-3, 0, total))
-    # ...runs most of it (a tenth of the time is kept as a margin; a busy machine may still stop early),
-    # and ends, final evaluation and checkpoint included, inside the limit
-    assert last >= 0.75 * total
+    # ...runs it to the end, or, where the machine slowed down after the plan (other jobs beside it),
+    # the deadline guard stops it early and says so; either way it ends, final evaluation and
+    # checkpoint included, inside the limit
+    assert last == total or f"time limit: stopping at step {last} of the planned {total}" in done.stdout
     seconds = float(re.search(r"done: .* in (\d+)s", done.stdout).group(1))
     assert seconds <= 10
     # the progress bar never showed a total it did not plan (it showed 1000 epochs' worth before)
