@@ -69,10 +69,9 @@ class TimeBudget:
     The loop tells it what each part costs: every step's seconds (`step_done`), an evaluation's
     (`eval_seconds`, the one before the first step) and a checkpoint save's (`save_seconds`, the save
     made when planning). `plan` is ready once PLAN_AFTER steps are timed, not counting the first,
-    which pays the one-off costs (allocation, torch.compile): from the median step time (robust to
-    a step that recompiles) plus each step's share of the periodic evaluations and saves, it gives
-    the number of steps that fit in MARGIN of the time left, the final evaluation and save set
-    aside. `stop_now` guards the end: it says stop when the next step, an evaluation or save due
+    which pays the one-off costs (allocation, torch.compile): from the mean step time plus each
+    step's share of the periodic evaluations and saves, it gives the number of steps that fit in
+    MARGIN of the time left, the final evaluation and save set aside. `stop_now` guards the end: it says stop when the next step, an evaluation or save due
     after it, and the final ones would overrun the deadline (a machine that slows down stops in
     time, its schedule not fully decayed).
     """
@@ -89,8 +88,14 @@ class TimeBudget:
         self.step_seconds.append(seconds)
 
     def per_step(self):
+        """The mean step time: where batches differ in length (sft.py's --group_by_length) so do the
+        steps, and only their mean adds up to the run's time. A step over ten times the median is a
+        recompilation (torch.compile meeting a new shape), not a longer batch: it is left out."""
         timed = self.step_seconds[1:]
-        return statistics.median(timed) if timed else 0.0
+        if not timed:
+            return 0.0
+        typical = statistics.median(timed)
+        return statistics.fmean(s for s in timed if s <= 10 * typical)
 
     def ready(self):
         return len(self.step_seconds) > self.PLAN_AFTER

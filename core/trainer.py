@@ -304,13 +304,13 @@ def save(run):
 
 def replan_steps(run, bar):
     """--time_limit, at each evaluation after the plan: the plan came from the first steps and the
-    first evaluation, which pay one-off costs (kernels for new shapes, generation warming up). With
-    the costs measured since, lengthen the run to what now fits (never shorten it: stop_now keeps
-    the deadline)."""
+    first evaluation, which pay one-off costs (kernels for new shapes, generation warming up), and
+    from few steps, where batches differ in length. With the costs measured since, fit the run to
+    what now fits, longer or shorter: its cosine then ends decayed inside the limit."""
     cfg, state = run.cfg, run.state
     cap = cfg.max_steps or cfg.epochs * (len(run.train_ds) // run.global_batch)
     total = int(all_reduce([run.budget.plan(state.step, cap)], run.rt, dist.ReduceOp.MIN).item())
-    if total > state.total_steps:
+    if total != state.total_steps:
         state.replan(cfg, total)
         bar.total = total
         say(run.rt, f"time limit, re-planned at step {state.step}: {run.budget.per_step():.3f}s per step, "
