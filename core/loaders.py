@@ -28,17 +28,36 @@ class EpochSampler(torch.utils.data.Sampler):
     took ~700 MB) and is handed out a chunk at a time, as the DataLoader asks for indices."""
 
     CHUNK = 1 << 16  # indices turned into Python ints at a time
+    GROUP = 64  # global batches sorted by length together (transformers' group_by_length sorts 50)
 
-    def __init__(self, num_samples, seed, epoch=0, start=0, rank=0, world_size=1):
+    def __init__(self, num_samples, seed, epoch=0, start=0, rank=0, world_size=1, lengths=None, global_batch=1):
         self.num_samples, self.seed, self.epoch = num_samples, seed, epoch
         self.start, self.rank, self.world_size = start, rank, world_size
+        self.lengths, self.global_batch = lengths, global_batch
 
     def _indices(self):
         # shuffling an arange in place draws the same numbers as permutation(n), so the order (and
         # with it every resumed run) is what it was when this made an int64 permutation
         order = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 1 << 31 else np.int64)
-        np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rng.shuffle(order)
+        if self.lengths is not None:
+            order = self._grouped_by_length(order, rng)
         return order[self.start + self.rank::self.world_size]
+
+    def _grouped_by_length(self, order, rng):
+        """Samples of similar length in the same global batch: a batch is padded to its longest
+        sample, so a batch of SFT replies of ~90 tokens beside one 256-token window computes mostly
+        padding. Each run of GROUP global batches of the shuffled order is sorted by length and cut
+        into batches, and the batches are shuffled, so a step still sees a random length."""
+        batch = self.global_batch
+        whole = len(order) // batch * batch  # the samples that make no whole batch stay at the end
+        for s in range(0, whole, self.GROUP * batch):
+            run = order[s:min(s + self.GROUP * batch, whole)]
+            order[s:s + len(run)] = run[np.argsort(self.lengths[run], kind="stable")]
+        batches = order[:whole].reshape(-1, batch)
+        rng.shuffle(batches)  # shuffles the rows: the batches, each kept whole
+        return np.concatenate([batches.ravel(), order[whole:]])
 
     def __iter__(self):
         indices = self._indices()
@@ -105,9 +124,25 @@ def replay_windows(cfg, rt) -> PretrainDataset:
             raise SystemExit(f"--replay_path {e}") from None
 
 
+def sample_lengths(ds) -> np.ndarray:
+    """The token count of each sample of an SFT training set (X's length, as the collate pads it),
+    read off the stores' offsets without loading a sample."""
+    if isinstance(ds, ReplayDataset):
+        return np.concatenate([sample_lengths(ds.sft), np.full(len(ds.replayed), ds.pretrain.seq_len)])
+    if isinstance(ds, Holdout):  # the training split of a --data_path (Holdout.__getitem__'s indices)
+        i = np.arange(len(ds))
+        return sample_lengths(ds.ds)[i + i // (ds.k - 1) + 1]
+    sizes = np.diff(np.asarray(ds.store.offsets))[ds.documents]
+    return np.minimum(sizes - 1, ds.seq_len)
+
+
 def train_loader(ds, cfg, rt, epoch, position):
-    """This rank's share of the global batches of one epoch, from global sample `position` on."""
-    sampler = EpochSampler(len(ds), cfg.seed, epoch=epoch, start=position, rank=rt.rank, world_size=rt.world_size)
+    """This rank's share of the global batches of one epoch, from global sample `position` on; with
+    --group_by_length, each global batch holds samples of similar length."""
+    grouped = dict(lengths=sample_lengths(ds), global_batch=cfg.batch_size * cfg.accumulation_steps * rt.world_size
+                   ) if cfg.group_by_length else {}
+    sampler = EpochSampler(len(ds), cfg.seed, epoch=epoch, start=position, rank=rt.rank, world_size=rt.world_size,
+                           **grouped)
     # its own generator: otherwise the loader draws its worker seed from the global RNG, and a
     # resumed run (which makes a new loader mid-epoch) would see a different dropout sequence
     return torch.utils.data.DataLoader(

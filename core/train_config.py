@@ -58,6 +58,8 @@ class TrainConfig:
                                         "pretraining corpus")
     packing: bool = arg(True, "pretraining: pack documents into full windows of max_seq_len (false: one document "
                               "per row, cut or padded to max_seq_len, as happy-llm's PretrainDataset)")
+    group_by_length: bool = arg(False, "SFT: put samples of similar length in the same global batch (less "
+                                       "padding to compute; the batches come in random order)")
     num_workers: int = arg(4, "DataLoader worker processes")
     # model
     preset: str | None = arg(None, "model size by name; None: tiny for the embedded corpus, the "
@@ -191,6 +193,8 @@ def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> T
         raise SystemExit(f"--max_steps {cfg.max_steps}: must be at least 1")
     if cfg.data_path is not None and not Path(cfg.data_path).is_file():
         raise SystemExit(f"--data_path {cfg.data_path}: no such file")
+    if cfg.group_by_length and cfg.kind != "sft":
+        raise SystemExit(f"--group_by_length: for sft.py only ({cfg.kind}'s samples are not grouped); leave it out")
     if not 0 <= cfg.replay < 1:
         raise SystemExit(f"--replay {cfg.replay}: must be at least 0 and below 1 (a share of the samples)")
     if not 0 < cfg.val_fraction < 1:

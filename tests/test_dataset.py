@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 import dataset
 from core import corpus
-from core.loaders import EpochSampler
+from core.loaders import EpochSampler, holdout_split, sample_lengths
 from dataset import (
     PretrainDataset,
     SFTDataset,
@@ -179,6 +179,21 @@ def test_sampler_resumes_at_any_position_and_shards_global_batches():
     assert first_global_batch == sorted(full[100:100 + world * batch])
 
 
+def test_grouped_sampler_batches_similar_lengths_in_random_order_and_still_resumes_and_shards():
+    lengths = np.random.default_rng(0).integers(20, 257, 1003)
+    full = list(EpochSampler(1003, seed=3, epoch=1, lengths=lengths, global_batch=16))
+    assert sorted(full) == list(range(1003))  # every sample once, the 11 that make no batch at the end
+    batches = [lengths[full[i:i + 16]] for i in range(0, 992, 16)]
+    spread = np.mean([b.max() - b.min() for b in batches])
+    assert spread < 10 and np.mean([b.max() - b.min() for b in np.split(lengths[:992], 62)]) > 150
+    longest = [b.max() for b in batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # a step sees a random length
+    assert list(EpochSampler(1003, 3, epoch=1, start=160, lengths=lengths, global_batch=16)) == full[160:]
+    shards = [list(EpochSampler(1003, 3, 1, 160, r, 2, lengths=lengths, global_batch=16)) for r in range(2)]
+    assert sorted(shards[0][:8] + shards[1][:8]) == sorted(full[160:176])  # one global batch, split over the ranks
+    assert list(EpochSampler(1003, 3, epoch=2, lengths=lengths, global_batch=16)) != full
+
+
 @pytest.mark.parametrize("num_samples, seed, epoch, start, rank, world_size", [
     (1, 0, 0, 0, 0, 1), (1000, 7, 0, 0, 0, 1), (100_003, 3, 2, 371, 1, 4), (300_000, 42, 5, 65_537, 1, 2)])
 def test_sampler_order_is_unchanged(num_samples, seed, epoch, start, rank, world_size):
@@ -330,6 +345,10 @@ def test_replay_mixes_pretraining_windows_weighted_like_an_average_reply(cache, 
     x, y, mask = collate_batch([mixed[0], mixed[len(sft)]])
     assert mask.is_floating_point() and torch.equal(mask[0, :len(sft[0][2])], sft[0][2].float())
     assert collate_batch([sft[0], sft[1]])[2].dtype == torch.long  # no replay: the mask stays an integer mask
+    # --group_by_length reads each sample's length off the stores: the lengths the samples have
+    held_in = dataset.ReplayDataset(holdout_split(sft, 0.2)[0], sft_store, pretrain, share=0.2)
+    for ds in (mixed, held_in):
+        assert sample_lengths(ds).tolist() == [len(ds[i][0]) for i in range(len(ds))]
 
 
 def test_one_document_per_row_is_cut_or_padded_to_the_window(cache, pretrain_jsonl):
