@@ -224,9 +224,9 @@ class CausalLM(nn.Module):
 
     def forward(self, tokens, targets=None, loss_mask=None, reduction="mean"):
         """tokens, targets, loss_mask: [B, T]. Returns (logits [B, T, V], None) without targets,
-        else (logits of the trained positions, loss): cross-entropy weighted by loss_mask (1: trained,
-        0: not, a fraction: trained with that weight, as sft.py's replayed pretraining text is; all 1
-        if None).
+        else (logits, loss): cross-entropy weighted by loss_mask (1: trained, 0: not, a fraction:
+        trained with that weight, as sft.py's replayed pretraining text is; all 1 if None); the
+        logits are then [B, T, V], or on a CPU [trained positions, V] (see below).
 
         reduction="sum" lets the training loop divide by the mask sum of a whole accumulated
         batch, so every trained token weighs the same however the batch is split.
