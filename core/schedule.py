@@ -149,6 +149,10 @@ def resume_state(cfg, rt, saved, steps_per_epoch, scaler, say=print) -> RunState
             "process(es) run now: they start afresh (only dropout draws from them)")
     state = RunState(**{f.name: saved[f.name] for f in fields(RunState) if f.name in saved})
     before = saved["config"]
+    grouped = before.get("group_by_length", False)  # a run saved before the flag existed did not group
+    if grouped != cfg.group_by_length:  # the rest of the epoch would repeat some samples and skip others
+        raise SystemExit(f"--resume: the run in {cfg.out_dir} was trained with --group_by_length {grouped}; pass "
+                         f"--group_by_length {grouped} to continue its sample order")
     changed = [f"--{name} {before.get(name)} -> {getattr(cfg, name)}" for name in ("max_steps", "epochs", "time_limit")
                if before.get(name) != getattr(cfg, name)]
     if not changed:

@@ -180,18 +180,19 @@ def test_sampler_resumes_at_any_position_and_shards_global_batches():
 
 
 def test_grouped_sampler_batches_similar_lengths_in_random_order_and_still_resumes_and_shards():
-    lengths = np.random.default_rng(0).integers(20, 257, 1003)
-    full = list(EpochSampler(1003, seed=3, epoch=1, lengths=lengths, global_batch=16))
-    assert sorted(full) == list(range(1003))  # every sample once, the 11 that make no batch at the end
-    batches = [lengths[full[i:i + 16]] for i in range(0, 992, 16)]
+    n = 2011  # 125 global batches of 16, sorted in two runs of up to 64 (EpochSampler.GROUP), and 11 left over
+    lengths = np.random.default_rng(0).integers(20, 257, n)
+    full = list(EpochSampler(n, seed=3, epoch=1, lengths=lengths, global_batch=16))
+    assert sorted(full) == list(range(n))  # every sample once, the 11 that make no batch at the end
+    batches = [lengths[full[i:i + 16]] for i in range(0, 2000, 16)]
     spread = np.mean([b.max() - b.min() for b in batches])
-    assert spread < 10 and np.mean([b.max() - b.min() for b in np.split(lengths[:992], 62)]) > 150
+    assert spread < 10 and np.mean([b.max() - b.min() for b in np.split(lengths[:2000], 125)]) > 150
     longest = [b.max() for b in batches]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # a step sees a random length
-    assert list(EpochSampler(1003, 3, epoch=1, start=160, lengths=lengths, global_batch=16)) == full[160:]
-    shards = [list(EpochSampler(1003, 3, 1, 160, r, 2, lengths=lengths, global_batch=16)) for r in range(2)]
-    assert sorted(shards[0][:8] + shards[1][:8]) == sorted(full[160:176])  # one global batch, split over the ranks
-    assert list(EpochSampler(1003, 3, epoch=2, lengths=lengths, global_batch=16)) != full
+    assert list(EpochSampler(n, 3, epoch=1, start=1120, lengths=lengths, global_batch=16)) == full[1120:]
+    shards = [list(EpochSampler(n, 3, 1, 1120, r, 2, lengths=lengths, global_batch=16)) for r in range(2)]
+    assert sorted(shards[0][:8] + shards[1][:8]) == sorted(full[1120:1136])  # one global batch, split over the ranks
+    assert list(EpochSampler(n, 3, epoch=2, lengths=lengths, global_batch=16)) != full
 
 
 @pytest.mark.parametrize("num_samples, seed, epoch, start, rank, world_size", [

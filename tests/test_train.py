@@ -259,6 +259,14 @@ def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache, pretrai
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000001"]
     assert math.isfinite(records(tmp_path / "run", "loss")[1]) and 2 not in records(tmp_path / "run", "loss")
 
+def test_resume_refuses_another_sample_order(tmp_path, cache, belle_jsonl):
+    script("sft.py", "--data_path", belle_jsonl, "--max_steps", 2, "--out_dir", "sft", cwd=tmp_path, cache=cache)
+    ungrouped = script("sft.py", "--data_path", belle_jsonl, "--max_steps", 4, "--out_dir", "sft", "--resume",
+                       "--group_by_length", "false", cwd=tmp_path, cache=cache, check=False)
+    last = ungrouped.stderr.strip().splitlines()[-1]  # after the dataset's notice of the conversations it left out
+    assert ungrouped.returncode != 0 and "Traceback" not in ungrouped.stderr
+    assert "--resume" in last and "trained with --group_by_length True; pass --group_by_length True" in last
+
 # -----------------------------------------------------------------------------
 # resuming to train longer, the time budget, compilation, running out of memory
 
@@ -369,7 +377,6 @@ def test_time_limited_run_replans_at_evaluations_and_still_ends_in_time(tmp_path
     state = torch.load(tmp_path / "timed" / f"ckpt-{last:07d}" / "train_state.pt", weights_only=True)
     planned = int(re.search(r"-> (\d+) steps", done.stdout).group(1))
     replans = [int(n) for n in re.findall(r"re-planned at step \d+: .* (\d+) steps", done.stdout)]
-    assert all(a != b for a, b in zip([planned, *replans], replans))  # said only when the plan changed
     assert state["total_steps"] == (replans[-1] if replans else planned)
     # the learning rate never rises after warmup (none here): a re-plan, longer or shorter, continues the cosine
     assert all(lrs[step + 1] <= lrs[step] * (1 + 1e-9) for step in range(1, last))
