@@ -71,15 +71,16 @@ class TimeBudget:
     made when planning). `plan` is ready once PLAN_AFTER steps are timed, not counting the first,
     which pays the one-off costs (allocation, torch.compile): from the mean step time plus each
     step's share of the periodic evaluations and saves, it gives the number of steps that fit in
-    MARGIN of the time left, the final evaluation and save set aside. `stop_now` guards the end: it says stop when the next step, an evaluation or save due
-    after it, and the final ones would overrun the deadline (a machine that slows down stops in
-    time, its schedule not fully decayed).
+    MARGIN of the time left, the final evaluation and save set aside. `stop_now` guards the end: it
+    says stop when the next step, an evaluation or save due after it, and the final ones would
+    overrun the deadline (a machine that slows down stops in time, its schedule not fully decayed).
     """
     PLAN_AFTER = 10  # timed steps before the plan is made
     MARGIN = 0.9  # later steps are often a little slower than the first ones
 
-    def __init__(self, limit, run_start, eval_interval, save_interval):
+    def __init__(self, limit, run_start, eval_interval, save_interval, compiled=False):
         self.deadline = run_start + limit
+        self.compiled = compiled
         self.eval_interval, self.save_interval = eval_interval, save_interval
         self.step_seconds = []
         self.eval_seconds = self.save_seconds = 0.0
@@ -89,13 +90,14 @@ class TimeBudget:
 
     def per_step(self):
         """The mean step time: where batches differ in length (sft.py's --group_by_length) so do the
-        steps, and only their mean adds up to the run's time. A step over ten times the median is a
-        recompilation (torch.compile meeting a new shape), not a longer batch: it is left out."""
+        steps, and only their mean adds up to the run's time. In a compiled run a step over ten times
+        the median is a recompilation (torch.compile meeting a new shape), paid once: it is left out.
+        In an eager run every step counts (a batch of long rows can cost many times a short one)."""
         timed = self.step_seconds[1:]
         if not timed:
             return 0.0
         typical = statistics.median(timed)
-        return statistics.fmean(s for s in timed if s <= 10 * typical)
+        return statistics.fmean(s for s in timed if not self.compiled or s <= 10 * typical)
 
     def ready(self):
         return len(self.step_seconds) > self.PLAN_AFTER

@@ -260,7 +260,7 @@ def prepare(cfg, rt, evals, start_time, objective=None) -> Run:
                          planned=not (cfg.time_limit and cfg.fit_schedule))
     # the session that plans the steps for --time_limit also stops at it (a resumed run follows its
     # plan); without --fit_schedule the limit only stops the run
-    budget = (TimeBudget(cfg.time_limit, start_time, cfg.eval_interval, cfg.save_interval)
+    budget = (TimeBudget(cfg.time_limit, start_time, cfg.eval_interval, cfg.save_interval, compiled=compile_model)
               if cfg.time_limit and (not state.planned or not cfg.fit_schedule) else None)
     trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     say(rt, f"model: {cfg.model_type}, {raw_model.num_params() / 1e6:.2f}M parameters"
