@@ -80,9 +80,13 @@ class Holdout(torch.utils.data.Dataset):
     def __len__(self):
         return self.n_val if self.validation else len(self.ds) - self.n_val
 
+    def source_index(self, i):
+        """The index in `ds` of sample i (an int, or a numpy array of them). The training split's
+        index i skips every multiple of k: 1..k-1, k+1..2k-1, ..."""
+        return i * self.k if self.validation else i + i // (self.k - 1) + 1
+
     def __getitem__(self, i):
-        # training index i skips every multiple of k: 1..k-1, k+1..2k-1, ...
-        return self.ds[i * self.k] if self.validation else self.ds[i + i // (self.k - 1) + 1]
+        return self.ds[self.source_index(i)]
 
 
 def holdout_split(ds, val_fraction):
@@ -129,9 +133,8 @@ def sample_lengths(ds) -> np.ndarray:
     read off the stores' offsets without loading a sample."""
     if isinstance(ds, ReplayDataset):
         return np.concatenate([sample_lengths(ds.sft), np.full(len(ds.replayed), ds.pretrain.seq_len)])
-    if isinstance(ds, Holdout):  # the training split of a --data_path (Holdout.__getitem__'s indices)
-        i = np.arange(len(ds))
-        return sample_lengths(ds.ds)[i + i // (ds.k - 1) + 1]
+    if isinstance(ds, Holdout):  # the training split of a --data_path
+        return sample_lengths(ds.ds)[ds.source_index(np.arange(len(ds)))]
     sizes = np.diff(np.asarray(ds.store.offsets))[ds.documents]
     return np.minimum(sizes - 1, ds.seq_len)
 

@@ -259,6 +259,7 @@ def test_mismatched_or_existing_checkpoints_are_refused(tmp_path, cache, pretrai
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*")) == ["ckpt-0000001"]
     assert math.isfinite(records(tmp_path / "run", "loss")[1]) and 2 not in records(tmp_path / "run", "loss")
 
+
 def test_resume_refuses_another_sample_order(tmp_path, cache, belle_jsonl):
     script("sft.py", "--data_path", belle_jsonl, "--max_steps", 2, "--out_dir", "sft", cwd=tmp_path, cache=cache)
     ungrouped = script("sft.py", "--data_path", belle_jsonl, "--max_steps", 4, "--out_dir", "sft", "--resume",
@@ -266,6 +267,7 @@ def test_resume_refuses_another_sample_order(tmp_path, cache, belle_jsonl):
     last = ungrouped.stderr.strip().splitlines()[-1]  # after the dataset's notice of the conversations it left out
     assert ungrouped.returncode != 0 and "Traceback" not in ungrouped.stderr
     assert "--resume" in last and "trained with --group_by_length True; pass --group_by_length True" in last
+
 
 # -----------------------------------------------------------------------------
 # resuming to train longer, the time budget, compilation, running out of memory
