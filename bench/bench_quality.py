@@ -11,7 +11,8 @@ Arms (each `python pretrain.py` then `python sft.py` from its checkpoint, in pro
   happy-llm  the tutorial's recipe expressed with our flags: the same tiny shape (dim 256, 4 layers),
              one document per row padded to 512 tokens (--packing false), micro-batch 8 without
              accumulation, Adam (AdamW without weight decay) at 2e-4 with its cosine over one full epoch
-             that the time limit cuts short (--fit_schedule false), no warmup, fp32; its SFT alike.
+             that the time limit cuts short (--fit_schedule false), no warmup, fp32; its SFT alike (no
+             replayed pretraining text, batches in random order).
 Flags after -- go to every pretraining and SFT run (an ablation: -- --learning_rate 3e-3).
 
 Judged by (eval.py's bits per character: <s> + text, windows of 256 tokens, so tokenizers compare):
@@ -47,12 +48,12 @@ ARMS = {
     "ours": dict(pretrain=[], sft=[]),
     "happy-llm": dict(
         pretrain=["--dim", "256", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "512",
-                  "--packing", "false", "--batch_size", "8", "--accumulation_steps", "1", "--learning_rate", "2e-4",
-                  "--warmup_iters", "0", "--weight_decay", "0", "--epochs", "1", "--fit_schedule", "false",
-                  "--dtype", "float32"],
-        sft=["--max_seq_len", "512", "--batch_size", "8", "--accumulation_steps", "1", "--learning_rate", "2e-4",
-             "--warmup_iters", "0", "--weight_decay", "0", "--epochs", "1", "--fit_schedule", "false",
-             "--dtype", "float32"]),
+                  "--packing", "false", "--optimizer", "adamw", "--batch_size", "8", "--accumulation_steps", "1",
+                  "--learning_rate", "2e-4", "--warmup_iters", "0", "--weight_decay", "0", "--epochs", "1",
+                  "--fit_schedule", "false", "--dtype", "float32"],
+        sft=["--max_seq_len", "512", "--replay", "0", "--group_by_length", "false", "--batch_size", "8",
+             "--accumulation_steps", "1", "--learning_rate", "2e-4", "--warmup_iters", "0", "--weight_decay", "0",
+             "--epochs", "1", "--fit_schedule", "false", "--dtype", "float32"]),
 }
 SANGUO_CHAPTERS = 10
 BPC_CONTEXT = 256

@@ -100,16 +100,23 @@ def make_optimizer(model, cfg, device):
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     vectors = [p for p in params.values() if p.dim() < 2]
     if cfg.optimizer == "muon":
-        # the hidden matrices take Muon steps; the embedding (tied to the head) stays on AdamW.
+        # the hidden matrices take Muon steps; the embedding (tied to the head) stays on AdamW, at its
+        # own rate (--embedding_lr): Adam moves each entry by about the rate per step whatever the
+        # gradient's scale, and the entries start at ~0.02, so at the rate of the rest a row takes tens
+        # of steps to move by its own size (nanochat and modded-nanogpt also give the embedding a rate
+        # far above the rest's; measured in bench/RESULTS.md, "Learning quality").
         # lr_scale: the loop sets every group's lr from one schedule, times the group's scale
         per_token = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         per_token.add(id(model.output.weight))
         hidden = [p for p in params.values() if p.dim() >= 2 and id(p) not in per_token]
         rows = [p for p in params.values() if p.dim() >= 2 and id(p) in per_token]
+        embedding_lr = cfg.learning_rate if cfg.embedding_lr is None else cfg.embedding_lr
         return MuonWithAdamW([
             {"params": hidden, "use_muon": True, "weight_decay": cfg.weight_decay,
              "lr_scale": cfg.muon_lr / cfg.learning_rate},
-            {"params": rows, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}])
+            {"params": rows, "weight_decay": cfg.weight_decay,
+             "lr_scale": embedding_lr / cfg.learning_rate},
+            {"params": vectors, "weight_decay": 0.0}])
     groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
     # fused: one kernel for the whole update instead of several per parameter

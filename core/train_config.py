@@ -93,6 +93,8 @@ class TrainConfig:
                                   "embeddings, head and norms (core/optim.py)", choices=["adamw", "muon"])
     muon_lr: float = arg(0.02, "with --optimizer muon: the peak learning rate of the Muon matrices (the "
                                "schedule scales it as it scales --learning_rate)")
+    embedding_lr: float | None = arg(None, "with --optimizer muon: the peak AdamW learning rate of the token "
+                                           "embedding (tied to the output head); None: --learning_rate")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = arg(42, "seed of the initial weights and the data order")
     # LoRA (lora.py), DPO (dpo.py) and GRPO (grpo.py)

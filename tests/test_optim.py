@@ -27,12 +27,20 @@ def test_newton_schulz_makes_every_singular_value_about_one(shape, dtype):
 
 def test_hidden_matrices_take_muon_and_the_embedding_adamw():
     model = tiny()
-    cfg = SimpleNamespace(optimizer="muon", weight_decay=0.1, muon_lr=0.02, learning_rate=2e-3)
+    cfg = SimpleNamespace(optimizer="muon", weight_decay=0.1, muon_lr=0.02, embedding_lr=None, learning_rate=2e-3)
     opt = optim.make_optimizer(model, cfg, torch.device("cpu"))
     muon_params = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in muon_params}
     assert names == {name for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("layers.")}
     assert next(g for g in opt.param_groups if g["use_muon"])["lr_scale"] == pytest.approx(10)
+    embedding = next(g for g in opt.param_groups if any(p is model.tok_embeddings.weight for p in g["params"]))
+    assert embedding["lr_scale"] == 1  # --embedding_lr None: the embedding at --learning_rate
+    cfg.embedding_lr = 2.4e-2
+    opt = optim.make_optimizer(model, cfg, torch.device("cpu"))
+    embedding = next(g for g in opt.param_groups if any(p is model.tok_embeddings.weight for p in g["params"]))
+    assert embedding["lr_scale"] == pytest.approx(12) and not embedding["use_muon"]
+    norms = next(g for g in opt.param_groups if all(p.dim() == 1 for p in g["params"]))
+    assert norms.get("lr_scale", 1.0) == 1  # the norm gains stay at --learning_rate
 
 
 def train(model, opt, batches):
@@ -47,7 +55,7 @@ def train(model, opt, batches):
 
 
 def test_it_learns_and_resumes_exactly_from_its_state_dict(tmp_path):
-    cfg = SimpleNamespace(optimizer="muon", weight_decay=0.1, muon_lr=0.02, learning_rate=2e-3)
+    cfg = SimpleNamespace(optimizer="muon", weight_decay=0.1, muon_lr=0.02, embedding_lr=None, learning_rate=2e-3)
     torch.manual_seed(1)
     batches = [torch.randint(0, 64, (4, 17)) for _ in range(6)]
     model = tiny()
