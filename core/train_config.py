@@ -191,6 +191,9 @@ def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> T
                  "log_interval", "save_interval", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    for name in ("learning_rate", "muon_lr", "embedding_lr"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: must be above 0 (a learning rate)")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise SystemExit(f"--max_steps {cfg.max_steps}: must be at least 1")
     if cfg.data_path is not None and not Path(cfg.data_path).is_file():

@@ -205,6 +205,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache, pr
     (["--data_path", "missing.jsonl"], ["--data_path missing.jsonl", "no such file"]),
     (["--resume"], ["--resume", "no checkpoint"]),
     (["--group_by_length", "true"], ["--group_by_length", "sft.py only", "leave it out"]),
+    (["--embedding_lr", "0"], ["--embedding_lr 0.0", "must be above 0"]),
 ])
 def test_bad_flags_give_one_clear_line(tmp_path, cache, args, fragments, pretrain_jsonl):
     if args[0] == "--gpus" and torch.cuda.is_available():
