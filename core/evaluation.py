@@ -96,7 +96,8 @@ def iter_logits(lm, sequences, batch_size, desc=None):
     batched together (longest first) and padded on the right: under causal attention padding after a
     position cannot change its logits, so a batch gives what one sequence at a time would."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+    # disable=None: a bar on a terminal only, none in a log file
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=True if desc is None else None, leave=False):
         batch = order[start:start + batch_size]
         tokens = torch.zeros(len(batch), len(sequences[batch[0]]), dtype=torch.long)  # id 0: any id would do
         mask = torch.zeros_like(tokens)
