@@ -22,15 +22,20 @@ Judged by (eval.py's bits per character: <s> + text, windows of 256 tokens, so t
             place): out of domain, and in no training mix;
   sentiment the held-out sentiment accuracy after SFT (500 balanced questions, chance 50%), and what
             SFT costs the model: news BPC after SFT against before.
+A reference line goes with them: the BPC of each text under the pretraining mix's character frequencies
+alone (a unigram model, add-one smoothing), what the corpus gives a model that uses no context; a
+model's distance below it is what it learned beyond how often characters occur.
 Prints a markdown table for bench/RESULTS.md and appends each arm's figures as a JSON line to
 --log (default bench/quality_runs.jsonl, not tracked).
 """
 
 import argparse
+import collections
 import datetime
 import importlib.util
+import itertools
 import json
-import os
+import math
 import subprocess
 import sys
 import time
@@ -98,6 +103,26 @@ def bpc(ckpt, path):
     return evaluation.bits_per_char(evaluation.load_ours(str(ckpt), context=BPC_CONTEXT), path)["bpc"]
 
 
+def unigram_bpc(train_path, path) -> float:
+    """Bits per character of path's texts under the character frequencies of train_path's texts, with
+    add-one smoothing over the characters of both (so a character the training mix lacks costs
+    log2(N + alphabet) bits, not infinity)."""
+    train = collections.Counter(itertools.chain.from_iterable(corpus.iter_pretrain_texts(train_path)))
+    text = collections.Counter(itertools.chain.from_iterable(corpus.iter_pretrain_texts(path)))
+    total = sum(train.values()) + len(train.keys() | text.keys())
+    return sum(n * (math.log2(total) - math.log2(train[c] + 1)) for c, n in text.items()) / sum(text.values())
+
+
+def pretraining_mix(extra, embedded: Path) -> Path:
+    """The text the pretraining runs read: --data_path among the flags after --, else the embedded mix."""
+    for i, flag in enumerate(extra):
+        if flag.startswith("--data_path="):
+            return REPO / flag.split("=", 1)[1]
+        if flag == "--data_path" and i + 1 < len(extra):
+            return REPO / extra[i + 1]
+    return embedded
+
+
 def run_arm(name, args, work: Path, texts) -> dict:
     flags = ARMS[name]
     out = work / name
@@ -121,7 +146,7 @@ def run_arm(name, args, work: Path, texts) -> dict:
     return row
 
 
-def table(rows) -> str:
+def table(rows, unigram) -> str:
     lines = ["| arm | flags | steps | tokens | news BPC | sanguo BPC | SFT steps | sentiment | news BPC after SFT |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -129,6 +154,8 @@ def table(rows) -> str:
                f"({100 * (r['news_bpc_after_sft'] / r['news_bpc'] - 1):+.1f}%)" if "sentiment_acc" in r else "- | - | -")
         lines.append(f"| {r['arm']} | {r['extra'] or '-'} | {r['steps']} | {r['tokens']:,} | {r['news_bpc']:.3f} | "
                      f"{r['sanguo_bpc']:.3f} | {sft} |")
+    lines.append(f"| the pretraining mix's character frequencies alone (unigram, add-one) | - | - | - | "
+                 f"{unigram['news']:.3f} | {unigram['sanguo']:.3f} | - | - | - |")
     if len(rows) > 1:
         base = rows[-1]
         for r in rows[:-1]:
@@ -158,9 +185,8 @@ def main():
         raise SystemExit("--pretrained: name the one arm whose SFT recipe to run (--arms ours)")
     args.sft_extra = args.sft_extra.split()
     work = (REPO / args.work_dir).resolve()
-    os.environ["TQDM_DISABLE"] = "1"  # the scoring's progress bars; the runs' own output goes to their logs
-    news = corpus.embedded_paths(REPO / "data")["pretrain_val"]
-    texts = {"news": news, "sanguo": sanguo_file(work / "sanguo.jsonl")}
+    embedded = corpus.embedded_paths(REPO / "data")
+    texts = {"news": embedded["pretrain_val"], "sanguo": sanguo_file(work / "sanguo.jsonl")}
     print(f"machine: {describe_machine()}; pretraining {args.time_limit:.0f}s, SFT {args.sft_time_limit:.0f}s per arm")
     rows = []
     for name in arms:
@@ -171,7 +197,8 @@ def main():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(json.dumps(row, ensure_ascii=False), flush=True)
         rows.append(row)
-    print(table(rows))
+    mix = pretraining_mix(args.extra, embedded["pretrain_train"])
+    print(table(rows, {text: unigram_bpc(mix, path) for text, path in texts.items()}))
 
 
 if __name__ == "__main__":
