@@ -48,6 +48,9 @@ class TrainConfig:
     # data
     data_path: str | None = arg(None, "training data: pretraining .jsonl/.txt or SFT .jsonl; "
                                       "None: the embedded default corpus")
+    embedded_recipe: bool = arg(False, "with --data_path: keep the embedded run's defaults (the tiny model and "
+                                       "its recipe for a CPU, each flag's 'embedded run' value below) instead of "
+                                       "the real-data ones")
     val_fraction: float = arg(0.005, "share of the samples of --data_path held out for validation "
                                      "(every 1/val_fraction-th sample; the embedded corpus has its own split)")
     tokenizer_dir: str = arg("tokenizer_k", "tokenizer directory (train_tokenizer.py)")
@@ -169,7 +172,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> TrainConfig:
     """Flags over the script's defaults, over the embedded-run defaults when --data_path is not
-    given. lora_defaults(flags given) -> the script's settings when --lora_rank is given (sft.py's).
+    given or --embedded_recipe is. lora_defaults(flags given) -> the script's settings when --lora_rank is given (sft.py's).
     Model size fields left None are then filled from the preset or the init checkpoint."""
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                            argument_default=argparse.SUPPRESS)
@@ -186,7 +189,8 @@ def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> T
                             help=f"{f.metadata['help']} ({shown})", **kw)
     given = vars(parser.parse_args(argv))
     lora_settings = lora_defaults(given) if given.get("lora_rank") and lora_defaults else {}
-    cfg = TrainConfig(**{**defaults, **({} if "data_path" in given else embedded), **lora_settings, **given})
+    embedded_run = "data_path" not in given or given.get("embedded_recipe", False)
+    cfg = TrainConfig(**{**defaults, **(embedded if embedded_run else {}), **lora_settings, **given})
     for name in ("batch_size", "accumulation_steps", "epochs", "eval_interval", "eval_batches",
                  "log_interval", "save_interval", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
@@ -204,7 +208,7 @@ def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> T
         raise SystemExit(f"--replay {cfg.replay}: must be at least 0 and below 1 (a share of the samples)")
     if not 0 < cfg.val_fraction < 1:
         raise SystemExit(f"--val_fraction {cfg.val_fraction}: must be between 0 and 1")
-    cfg = resolve_model_size(cfg, embedded_run="data_path" not in given)
+    cfg = resolve_model_size(cfg, embedded_run)
     check_post_training(cfg)
     check_sharding(cfg)
     return cfg
