@@ -10,13 +10,10 @@ none of them. Not part of the embedded default: the corpus is an npm package, no
     npm pack chinese-poetry@1.4.1 && tar xzf chinese-poetry-1.4.1.tgz      # -> package/chinese-poetry
     pip install zhconv                                                      # traditional -> simplified
     python bench/classical_mix.py package/chinese-poetry                   # -> data/classical_mix.jsonl
-    python bench/bench_quality.py --arms ours --no_sft -- --data_path data/classical_mix.jsonl \\
-        --dim 192 --n_layers 4 --n_heads 4 --n_kv_heads 2 --max_seq_len 256 --optimizer muon \\
-        --batch_size 4 --accumulation_steps 4 --learning_rate 2e-3 --embedding_lr 2.4e-2 --warmup_iters 30 \\
-        --epochs 100 --eval_interval 200 --eval_batches 400 --log_interval 10 --save_interval 200 --num_workers 0
+    python bench/bench_quality.py --arms ours --no_sft -- --data_path data/classical_mix.jsonl --embedded_recipe
 
-(--data_path turns the embedded defaults off, so the flags after it restore them: the same model and
-recipe as the default, on the new mix.)
+(--embedded_recipe keeps the embedded run's model and recipe on another file: the default's run on
+the new mix.)
 """
 
 import argparse
