@@ -69,8 +69,8 @@ class TimeBudget:
     The loop tells it what each part costs: every step's seconds (`step_done`), an evaluation's
     (`eval_seconds`, the one before the first step) and a checkpoint save's (`save_seconds`, the save
     made when planning). `plan` is ready once PLAN_AFTER steps are timed, not counting the first,
-    which pays the one-off costs (allocation, torch.compile): from the mean step time plus each
-    step's share of the periodic evaluations and saves, it gives the number of steps that fit in
+    which pays the one-off costs (allocation, torch.compile): from the mean step time and the periodic
+    evaluations and saves that fall before the last step, it gives the number of steps that fit in
     MARGIN of the time left, the final evaluation and save set aside. `stop_now` guards the end: it
     says stop when the next step, an evaluation or save due after it, and the final ones would
     overrun the deadline (a machine that slows down stops in time, its schedule not fully decayed).
@@ -103,11 +103,23 @@ class TimeBudget:
         return len(self.step_seconds) > self.PLAN_AFTER
 
     def plan(self, step, cap):
-        """The number of the last step: as many as fit, at most cap."""
-        per_step = (self.per_step() + self.eval_seconds / self.eval_interval
-                    + self.save_seconds / self.save_interval)
-        left = self.deadline - time.time() - self.eval_seconds - self.save_seconds
-        return min(cap, step + int(self.MARGIN * max(0.0, left) / max(per_step, 1e-9)))
+        """The number of the last step: as many as fit, at most cap. A periodic evaluation or save is
+        paid only where one falls (at a multiple of its interval before the last step: at the last
+        step the final ones stand in for it), not spread over every step: a re-plan at step 200 with
+        evaluations every 100 and 90 steps left pays none, not nine-tenths of one."""
+        per_step = self.per_step()
+        budget = self.MARGIN * (self.deadline - time.time() - self.eval_seconds - self.save_seconds)
+
+        def cost(last):  # seconds from now to the end of step `last`
+            return ((last - step) * per_step
+                    + self.eval_seconds * ((last - 1) // self.eval_interval - step // self.eval_interval)
+                    + self.save_seconds * ((last - 1) // self.save_interval - step // self.save_interval))
+
+        fits, over = min(step, cap), cap + 1  # cost grows with `last`: the largest that fits, by bisection
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            fits, over = (middle, over) if cost(middle) <= budget else (fits, middle)
+        return fits
 
     def stop_now(self, next_step):
         due = (self.eval_seconds * (next_step % self.eval_interval == 0)

@@ -323,6 +323,20 @@ def final_plan(stdout) -> int:
     return int(re.findall(r"(?:-> |per evaluation: )(\d+) steps", stdout)[-1])
 
 
+
+def test_time_budget_pays_each_evaluation_where_it_falls():
+    def budget(eval_interval):
+        b = schedule.TimeBudget(100.5, time.time(), eval_interval=eval_interval, save_interval=10**6)
+        b.step_seconds, b.eval_seconds = [5.0] + [1.0] * 20, 10.0  # 1 s per step (the first is left out)
+        return b
+
+    # 0.9 x (100.5 s - 10 s for the final evaluation) = 81.45 s to spend on steps and periodic evaluations
+    assert budget(50).plan(0, cap=10**6) == 71  # 71 steps and the evaluation at 50 (spread: 81.45 / 1.2 = 67)
+    assert budget(50).plan(20, cap=10**6) == 91 and budget(50).plan(20, cap=60) == 60
+    assert budget(50).plan(50, cap=10**6) == 121  # the one at 50 is done; the one at 100 is paid
+    assert budget(75).plan(0, cap=10**6) == 75  # at the last step the final evaluation stands in for it
+
+
 def test_replan_continues_the_cosine_from_the_current_rate_to_the_new_end():
     cfg = train_config.TrainConfig(learning_rate=1e-3, warmup_iters=10, final_lr_frac=0.1)
     state = schedule.RunState(step=50, total_steps=100)
