@@ -115,12 +115,10 @@ def unigram_bpc(train_path, path) -> float:
 
 def pretraining_mix(extra, embedded: Path) -> Path:
     """The text the pretraining runs read: --data_path among the flags after --, else the embedded mix."""
-    for i, flag in enumerate(extra):
-        if flag.startswith("--data_path="):
-            return REPO / flag.split("=", 1)[1]
-        if flag == "--data_path" and i + 1 < len(extra):
-            return REPO / extra[i + 1]
-    return embedded
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flags.add_argument("--data_path")
+    data_path = flags.parse_known_args(extra)[0].data_path
+    return REPO / data_path if data_path else embedded
 
 
 def run_arm(name, args, work: Path, texts) -> dict:

@@ -34,8 +34,8 @@ MIN_CHARS = 8  # drops titles and stray lines
 
 def strings(node, key=None):
     """Every string whose nearest enclosing key is one of TEXT_KEYS (titles, authors, notes are left out)."""
-    if isinstance(node, str):
-        yield from [node] if key in TEXT_KEYS else []
+    if isinstance(node, str) and key in TEXT_KEYS:
+        yield node
     elif isinstance(node, list):
         for item in node:
             yield from strings(item, key)

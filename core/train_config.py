@@ -172,7 +172,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_config(argv, description, defaults, embedded, lora_defaults=None) -> TrainConfig:
     """Flags over the script's defaults, over the embedded-run defaults when --data_path is not
-    given or --embedded_recipe is. lora_defaults(flags given) -> the script's settings when --lora_rank is given (sft.py's).
+    given or --embedded_recipe is. lora_defaults(flags given) -> the script's settings when
+    --lora_rank is given (sft.py's).
     Model size fields left None are then filled from the preset or the init checkpoint."""
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                            argument_default=argparse.SUPPRESS)
