@@ -323,7 +323,6 @@ def final_plan(stdout) -> int:
     return int(re.findall(r"(?:-> |per evaluation: )(\d+) steps", stdout)[-1])
 
 
-
 def test_time_budget_pays_each_evaluation_where_it_falls():
     def budget(eval_interval):
         b = schedule.TimeBudget(100.5, time.time(), eval_interval=eval_interval, save_interval=10**6)
