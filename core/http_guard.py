@@ -164,15 +164,16 @@ class BrowserGuard:
 
 class RateLimitedLog(logging.Filter):
     """At most `burst` records per `period` seconds through each logger it is attached to; the
-    number dropped is told with the next record let through."""
+    number dropped is told with the next record let through. clock: seconds, for tests to set
+    (patching time.monotonic itself would stop every asyncio loop in the process)."""
 
-    def __init__(self, burst=20, period=10.0):
+    def __init__(self, burst=20, period=10.0, clock=time.monotonic):
         super().__init__()
-        self.burst, self.period = burst, period
+        self.burst, self.period, self.clock = burst, period, clock
         self.window_start, self.in_window, self.dropped = 0.0, 0, 0
 
     def filter(self, record):
-        now = time.monotonic()
+        now = self.clock()
         if now - self.window_start >= self.period:
             self.window_start, self.in_window = now, 0
         if self.in_window >= self.burst:

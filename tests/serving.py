@@ -57,7 +57,8 @@ def running(model, tokenizer, api_key=KEY, app_settings=None, server_settings=No
                               model=model, tokenizer=tokenizer, server=server)
     finally:
         server.should_exit = True
-        thread.join()
+        thread.join(timeout=60)  # uvicorn's own shutdown wait is bounded (grace + 5 s): a hang is a failure
+        assert not thread.is_alive(), "the server did not stop within 60 s of should_exit"
         scheduler.close()
 
 

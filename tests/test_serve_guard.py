@@ -142,10 +142,9 @@ def test_malformed_http_gets_the_json_error_shape(guarded):
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
 
 
-def test_the_log_lets_a_burst_through_then_counts_what_it_drops(monkeypatch):
+def test_the_log_lets_a_burst_through_then_counts_what_it_drops():
     clock = [100.0]
-    monkeypatch.setattr("core.http_guard.time.monotonic", lambda: clock[0])
-    limit = RateLimitedLog(burst=5, period=10.0)
+    limit = RateLimitedLog(burst=5, period=10.0, clock=lambda: clock[0])
     records = [logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "refused", None, None) for _ in range(50)]
     assert sum(map(limit.filter, records)) == 5
     clock[0] += 10.0
