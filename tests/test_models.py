@@ -92,6 +92,21 @@ def test_the_head_over_the_trained_positions_alone_gives_the_dense_loss_and_grad
     assert any(g.abs().sum() > 0 for g in gathered_grads)
 
 
+def test_the_cpu_head_sees_one_shape_whatever_the_number_of_trained_positions():
+    """oneDNN keeps a compiled bf16 kernel per matrix shape: the head gets head_rows rows every time."""
+    model = tiny_k()
+    model.head_rows = 8
+    shapes = []
+    model.output.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    for trained in (1, 5, 8, 13, 48):
+        weights = torch.zeros(3, 16)
+        weights.view(-1)[:trained] = 1.0
+        logits, loss = model(x, y, weights, reduction="sum")
+        assert logits is None and loss > 0
+    assert len(shapes) == 1 + 1 + 1 + 2 + 6 and set(shapes) == {(8, model.config.dim)}
+
+
 @pytest.mark.parametrize("make", MODELS)
 def test_causality(make):
     model = make()
