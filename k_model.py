@@ -259,8 +259,8 @@ class CausalLM(nn.Module):
     def trained_losses(self, hidden, targets, weights):
         """The CPU's path of forward: the loss of the trained positions alone, with their weights.
         They go through the head head_rows at a time, the last rows padded with weight 0, so the
-        head's product has one shape whatever the batch: oneDNN compiles a bf16 kernel for each
-        shape it meets and keeps it for the life of the process: with a count of trained positions
+        head's product has one shape whatever the batch. oneDNN compiles a bf16 kernel for each
+        shape it meets and keeps it for the life of the process; with a count of trained positions
         that differs from batch to batch, SFT on a bf16 CPU grew by megabytes per new count, to
         1.26 GiB in the README's 3 minutes."""
         trained = weights > 0
