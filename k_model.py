@@ -246,7 +246,8 @@ class CausalLM(nn.Module):
         if loss_mask is not None:
             weights = weights * loss_mask
         if hidden.device.type == "cpu" and not torch.compiler.is_compiling():
-            logits, (losses, weights) = None, self.trained_losses(hidden, targets, weights)
+            logits = None
+            losses, weights = self.trained_losses(hidden, targets, weights)
         else:
             logits = self.output(hidden)
             losses = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-100,
