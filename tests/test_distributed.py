@@ -169,7 +169,7 @@ def test_fsdp_checkpoint_resumes_exactly(fsdp_run, tmp_path, cache, pretrain_jso
 
 
 SHARDED_SAVE = """
-import sys, types, torch, torch.distributed as dist
+import gc, sys, types, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 from core import checkpoint, parallel
 from core.runtime import Runtime
@@ -187,6 +187,10 @@ parallel.save_sharded(cfg, rt, model, optimizer, 1, {{}})
 if rt.master:
     torch.save({{"logits": logits.detach(), "tokens": tokens, "whole": whole}}, "sharded.pt")
 dist.barrier()  # both ranks done before the group goes, as the trainer's finish does
+# and the sharded model gone before the interpreter's teardown: kept alive to the end, it crashed rank 1
+# there now and then (std::terminate in one of torch's threads, after destroy_process_group returned)
+del model, optimizer, logits, whole
+gc.collect()
 dist.destroy_process_group()
 """
 
