@@ -8,11 +8,16 @@ Read in this order: train_step -> evaluate -> prepare -> train. Try: change --ac
 keeping the global batch and check that the loss curve stays the same.
 
 The training loop, written once. pretrain.py and sft.py are thin front ends: each sets its defaults
-and calls `main`; the loop itself is `train`, which reads top to bottom like nanoGPT's.
+and calls `main`; the loop itself is `train`, which reads top to bottom like nanoGPT's. What is
+minimised is an `Objective`: next-token prediction for pretrain.py and sft.py; dpo.py's preference
+loss and grpo.py's policy gradient are others. With --lora_rank the model's weights are frozen and
+only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
 
 Units. One optimizer step = accumulation_steps micro-batches of batch_size samples on each of
-world_size processes: a global batch of batch_size * accumulation_steps * world_size samples.
-Steps, warmup_iters, eval/log/save intervals and max_steps all count optimizer steps.
+world_size processes: a global batch of batch_size * accumulation_steps * world_size samples. Steps,
+warmup_iters, eval/log/save intervals and max_steps all count optimizer steps. The plan (the LR
+schedule, the state saved with each checkpoint, the --time_limit budget) is in schedule.py; a
+resumed run follows the plan it saved, or re-plans when asked for more steps.
 
 The loss of a step is the mean over every trained token of the whole global batch: each micro-batch
 returns its summed loss (model(..., reduction="sum")) and is divided by the number of trained
@@ -20,19 +25,13 @@ tokens of all micro-batches on all ranks (counted before the first backward, all
 processes). A mean per micro-batch would weigh a token of a short SFT batch more than one of a
 long batch, and the result would depend on how the batch is split.
 
-The plan (the LR schedule, the state saved with each checkpoint, the --time_limit budget) is in
-schedule.py; a resumed run follows the plan it saved, or re-plans when asked for more steps.
-
-What is minimised is an `Objective`: next-token prediction for pretrain.py and sft.py; dpo.py's
-preference loss and grpo.py's policy gradient are others. With --lora_rank the model's weights are
-frozen and only LoRA adapters train (lora.py); checkpoints then hold the adapters alone.
-
 Where the rest lives: train_config.py (the flags), runtime.py (devices, DDP, mixed precision),
 parallel.py (FSDP, the gradient sync of accumulated steps, saving and resuming each kind of run),
 dataset.py (the datasets), loaders.py (their split and loaders), checkpoint.py (saving, resuming,
 loading; the weights a run starts from, LoRA or not), tracking.py (metrics.jsonl and SwanLab).
 """
 
+import gc
 import math
 import random
 import sys
@@ -435,9 +434,10 @@ def finish(run, before, after) -> dict:
     if rt.master and cfg.plot:  # the run's curves beside its checkpoints
         from core import plotting  # here, not at the top: matplotlib is for the end of a run only
         say(rt, f"curves: {plotting.plot_runs([cfg.out_dir], Path(cfg.out_dir) / 'curves.png')}")
-    if rt.ddp:  # every rank done with its collectives, and the DDP model dropped, before the group goes
+    if rt.ddp:  # every rank done with its collectives, and the wrapped model dropped, before the group goes
         dist.barrier()
-        del run
+        run.model = run.raw_model = run.loss_model = run.optimizer = None
+        gc.collect()  # a DDP or FSDP module is a web of references to itself: the collector frees it
         dist.destroy_process_group()
     return {"before": before, "after": after, "steps": state.step, "config": asdict(cfg), "checkpoint": str(last)}
 

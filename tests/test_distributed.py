@@ -210,6 +210,29 @@ def test_fsdp_checkpoint_loads_whole_everywhere(tmp_path, cache, fsdp_run, monke
     assert "pretrain samples from " + str(fsdp_run / "ckpt-0000004") in capsys.readouterr().out
 
 
+COUNT_AT_DESTROY = """
+import gc, runpy, sys, torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+sys.path.insert(0, {repo!r})
+destroy = dist.destroy_process_group
+def counted(*args):
+    gc.collect()
+    print("FSDP modules alive:", sum(isinstance(o, FSDPModule) for o in gc.get_objects()))
+    destroy(*args)
+dist.destroy_process_group = counted
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_the_sharded_model_is_gone_before_the_process_group(tmp_path, cache, pretrain_jsonl):
+    # the trainer's finish drops it as the script above does, before the interpreter's teardown
+    wrapper = tmp_path / "count_at_destroy.py"
+    wrapper.write_text(COUNT_AT_DESTROY.format(repo=str(REPO), script=str(REPO / "pretrain.py")))
+    done = torchrun(2, "--data_path", pretrain_jsonl, "--max_steps", 2, "--optimizer", "adamw", "--parallel", "fsdp",
+                    "--out_dir", "run", cwd=tmp_path, cache=cache, script_path=wrapper)
+    assert done.stdout.count("FSDP modules alive: 0") == 2, done.stdout[-2000:]
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--optimizer", "muon"], "--optimizer muon with --parallel fsdp: Muon needs whole matrices .* --optimizer adamw"),
     (["--lora_rank", "8", "--resume"], "--lora_rank with --parallel fsdp: .* drop --parallel fsdp"),
