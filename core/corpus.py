@@ -204,10 +204,13 @@ def iter_conversations(path, stats=None, progress=False):
 # -----------------------------------------------------------------------------
 # the embedded default corpus
 
-EMBEDDED_VERSION = 1  # bump when the recipe below changes: cached files are then rebuilt
+EMBEDDED_VERSION = 2  # bump when the recipe below changes: cached files are then rebuilt
 SEED = 1998
 NEWS_VAL_PARAGRAPHS = 1000  # the last ~5% of the news (about 95k characters), never trained on
-SENTIMENT_TRAIN_PER_LABEL = 1500
+# nearly every labelled review short enough (~7,800 positive, ~8,400 negative left after the test
+# split): a 3-minute SFT sees each about once, and held-out accuracy rose with their number (from one
+# pretrained model: 1,500 per label 85.0%, 4,000 86.4%, all 88.4%; bench/RESULTS.md)
+SENTIMENT_TRAIN_PER_LABEL = 7500
 SENTIMENT_TEST_PER_LABEL = 250
 SENTIMENT_MAX_CHARS = 200  # short reviews keep the question and its answer inside seq_len
 SENTIMENT_QUESTION = "判断下面这条评论的情感是正面还是负面。\n{review}"
